@@ -1,0 +1,45 @@
+# The front door: `make run` and `make test` set up everything they need on a fresh Debian machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := nftables iproute2 containernetworking-plugins prometheus systemd curl
+ARGS ?=
+
+.PHONY: run test lint bench setup apt-deps clean
+
+setup: apt-deps $(STAMP)
+
+# Debian packages the daemon and its tests drive for real (nft, ip, the CNI plugins, promtool,
+# systemd-socket-activate). Installed only when one of their commands is missing.
+apt-deps:
+	@missing=0; \
+	for cmd in nft ip promtool prometheus systemd-socket-activate systemd-analyze curl; do \
+	  command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
+	[ -x /usr/lib/cni/bridge ] || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  echo ">> installing Debian packages: $(APT_PACKAGES)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/masqd $(ARGS)
+
+test: setup
+	$(BIN)/pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check masqd tests bench
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,164 @@
+"""Every rule about valid input, in one place.
+
+The API, the journal loader, the CLI and the adoption code all go through these types, so a
+value that got past them is valid everywhere. Models are frozen and forbid unknown keys: a
+typo in a request is an error, never a silently ignored field.
+
+Inside the daemon attachments are kept in a compact form (strings and tuples, see `state`);
+these models are the boundary.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_IPS_PER_ATTACHMENT = 16
+MAX_NETWORK_NAME = 64
+MAX_CONTAINER_ID = 128
+MAX_IFNAME_BYTES = 15  # IFNAMSIZ - 1
+
+# The CNI spec's pattern for network names and container IDs.
+CNI_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+_IFNAME_FORBIDDEN = re.compile(r"[/:\s]")
+
+MULTICAST4 = ipaddress.IPv4Network("224.0.0.0/4")
+MULTICAST6 = ipaddress.IPv6Network("ff00::/8")
+
+
+def _check_ifname(value: str) -> str:
+    size = len(value.encode())
+    if not 1 <= size <= MAX_IFNAME_BYTES:
+        raise ValueError(f"interface name must be 1 to {MAX_IFNAME_BYTES} bytes, got {size}")
+    if value in (".", ".."):
+        raise ValueError("interface name must not be '.' or '..'")
+    if _IFNAME_FORBIDDEN.search(value):
+        raise ValueError("interface name must not contain '/', ':' or whitespace")
+    return value
+
+
+def parse_ip(value: str) -> str:
+    """Canonical 'address/prefix' for an attachment IP, or ValueError saying why not.
+
+    Link-local addresses are refused: they never leave their link, so there is nothing to
+    masquerade, and fe80::/64 is the same subnet on every interface, which would make the
+    per-IP subnet ambiguous.
+    """
+    if not isinstance(value, str):
+        raise ValueError("an IP must be a string like '10.22.0.5/16'")
+    if "/" not in value:
+        raise ValueError(f"{value!r}: an IP needs a prefix length, like '10.22.0.5/16'")
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IP address with prefix length") from exc
+    addr = iface.ip
+    for bad, what in (
+        (addr.is_multicast, "multicast"),
+        (addr.is_loopback, "loopback"),
+        (addr.is_unspecified, "unspecified"),
+        (addr.is_link_local, "link-local"),
+    ):
+        if bad:
+            raise ValueError(f"{value!r} is a {what} address; only unicast addresses can be masqueraded")
+    if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"{value!r} is the broadcast address")
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        raise ValueError(f"{value!r} is an IPv4-mapped IPv6 address; give the IPv4 address instead")
+    return f"{addr}/{iface.network.prefixlen}"
+
+
+def _check_ips(values: tuple[str, ...]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    for ip in values:
+        addr = ip.split("/", 1)[0]
+        if addr in seen:
+            raise ValueError(f"address {addr} is listed twice")
+        seen.add(addr)
+    return values
+
+
+NetworkName = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_NETWORK_NAME, pattern=CNI_NAME_PATTERN)
+]
+ContainerID = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_CONTAINER_ID, pattern=CNI_NAME_PATTERN)
+]
+IfName = Annotated[str, AfterValidator(_check_ifname)]
+AttachmentIP = Annotated[str, AfterValidator(parse_ip)]
+AttachmentIPs = Annotated[
+    tuple[AttachmentIP, ...],
+    Field(min_length=1, max_length=MAX_IPS_PER_ATTACHMENT),
+    AfterValidator(_check_ips),
+]
+
+_STRICT = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+
+class AttachmentKey(BaseModel):
+    """Identity of an attachment: (network name, container ID, interface name)."""
+
+    model_config = _STRICT
+    network: NetworkName
+    container_id: ContainerID
+    ifname: IfName
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        return (self.network, self.container_id, self.ifname)
+
+
+class AttachmentSpec(BaseModel):
+    """Body of PUT /v1/attachments/{network}/{container_id}/{ifname}."""
+
+    model_config = _STRICT
+    ips: AttachmentIPs
+
+
+class Attachment(BaseModel):
+    """An attachment as the API returns it."""
+
+    model_config = _STRICT
+    network: NetworkName
+    container_id: ContainerID
+    ifname: IfName
+    ips: AttachmentIPs
+
+
+class ValidAttachment(BaseModel):
+    """One entry of a GC request: an attachment the runtime still knows."""
+
+    model_config = _STRICT
+    container_id: ContainerID
+    ifname: IfName
+
+
+class GcRequest(BaseModel):
+    """Body of POST /v1/networks/{network}/gc."""
+
+    model_config = _STRICT
+    valid_attachments: tuple[ValidAttachment, ...] = Field(max_length=1_000_000)
+
+
+class GcResult(BaseModel):
+    model_config = _STRICT
+    network: str
+    removed: tuple[Attachment, ...]
+
+
+class ErrorBody(BaseModel):
+    """What every rejected request answers: a message, and per-field details when useful."""
+
+    model_config = _STRICT
+    error: str
+    details: tuple[dict[str, Any], ...] = ()
+
+
+def validation_details(errors: list[Any]) -> tuple[dict[str, Any], ...]:
+    """Pydantic's error list reduced to what a client can act on (no input echoes of huge bodies)."""
+    return tuple(
+        {"loc": ".".join(str(part) for part in err.get("loc", ())), "msg": err.get("msg", "")}
+        for err in errors[:20]
+    )
