@@ -63,7 +63,9 @@ def parse_ip(value: str) -> str:
         (addr.is_link_local, "link-local"),
     ):
         if bad:
-            raise ValueError(f"{value!r} is a {what} address; only unicast addresses can be masqueraded")
+            raise ValueError(
+                f"{value!r} is a {what} address; only unicast addresses can be masqueraded"
+            )
     if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
         raise ValueError(f"{value!r} is the broadcast address")
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -157,8 +159,10 @@ class ErrorBody(BaseModel):
 
 
 def validation_details(errors: list[Any]) -> tuple[dict[str, Any], ...]:
-    """Pydantic's error list reduced to what a client can act on (no input echoes of huge bodies)."""
+    """Pydantic's errors reduced to what a client can act on (no echo of huge inputs)."""
+    # A failed item also makes pydantic count the tuple as too short: say only the cause.
+    causes = [e for e in errors if e.get("type") != "too_short"] or errors
     return tuple(
         {"loc": ".".join(str(part) for part in err.get("loc", ())), "msg": err.get("msg", "")}
-        for err in errors[:20]
+        for err in causes[:20]
     )

@@ -1,0 +1,299 @@
+"""HTTP/1.1 + JSON on the Unix socket: parse, validate, hand over, await, answer.
+
+No business logic lives here. A handler validates through `models`, changes `DesiredState`,
+asks the reconciler for a sync and answers once the kernel holds the change. Every error is
+a JSON object (`{"error": ..., "details": [...]}`) with a 4xx (or 503 when the kernel did not
+confirm in time), and a rejected request changes nothing.
+
+Access: the peer's credentials (SO_PEERCRED) are checked on every request; root and the
+configured uids/gids get through, anyone else gets 403.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from masqd import __version__
+from masqd.metrics import Metrics
+from masqd.models import (
+    Attachment,
+    AttachmentKey,
+    AttachmentSpec,
+    ErrorBody,
+    GcRequest,
+    GcResult,
+    NetworkName,
+    validation_details,
+)
+from masqd.plan import AttachmentRecord
+from masqd.reconciler import Reconciler, SyncUnavailable
+from masqd.state import CapacityExceeded, DesiredState
+
+log = logging.getLogger(__name__)
+
+ATTACHMENT_BODY_LIMIT = 64 * 1024
+# A GC request lists every live attachment of a network; 32 MiB holds ~300,000 of them.
+GC_BODY_LIMIT = 32 * 1024 * 1024
+
+ATTACHMENT = "/v1/attachments/{network}/{container_id}/{ifname}"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class AccessPolicy:
+    """Who may use the socket besides root."""
+
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+
+    def allows(self, uid: int, gid: int) -> bool:
+        return uid == 0 or uid == os.geteuid() or uid in self.uids or gid in self.gids
+
+
+@dataclass
+class ApiContext:
+    state: DesiredState
+    reconciler: Reconciler
+    metrics: Metrics
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    apply_timeout: float = 10.0
+    table: str = "masqd"
+    extra_status: Callable[[], dict[str, Any]] = dict
+
+
+CONTEXT = web.AppKey("context", ApiContext)
+
+
+def error(status: int, message: str, details: tuple[dict[str, Any], ...] = ()) -> web.Response:
+    body = ErrorBody(error=message, details=details).model_dump_json()
+    return web.Response(status=status, text=body, content_type="application/json")
+
+
+def ok(payload: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
+    text = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return web.Response(status=status, text=text, content_type="application/json")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, details: tuple[dict[str, Any], ...] = ()) -> None:
+        super().__init__(message)
+        self.status, self.message, self.details = status, message, details
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], data: Any, what: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(400, f"invalid {what}", validation_details(exc.errors())) from None
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(413, f"request body is larger than {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise BadRequest(413, f"request body is larger than {limit} bytes")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _key(request: web.Request) -> AttachmentKey:
+    m = request.match_info
+    return _validate(
+        AttachmentKey,
+        {"network": m["network"], "container_id": m["container_id"], "ifname": m["ifname"]},
+        "attachment path",
+    )
+
+
+def _attachment(key: tuple[str, str, str], record: AttachmentRecord) -> dict[str, Any]:
+    return {
+        "network": key[0],
+        "container_id": key[1],
+        "ifname": key[2],
+        "ips": [f"{a}/{s.split('/')[1]}" for a, s in record.ips],
+    }
+
+
+async def _applied(ctx: ApiContext, version: int) -> None:
+    try:
+        await ctx.reconciler.wait_applied(version, ctx.apply_timeout)
+    except SyncUnavailable as exc:
+        raise BadRequest(503, str(exc)) from None
+
+
+# ---- handlers -----------------------------------------------------------------------------
+
+
+async def put_attachment(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    key = _key(request)
+    spec = _validate(AttachmentSpec, await read_json(request, ATTACHMENT_BODY_LIMIT), "body")
+    try:
+        ctx.state.put(key.as_tuple(), spec.ips)
+    except CapacityExceeded as exc:
+        raise BadRequest(507, str(exc)) from None
+    await _applied(ctx, ctx.reconciler.request())
+    return ok(Attachment(**key.model_dump(), ips=spec.ips))
+
+
+async def get_attachment(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    key = _key(request)
+    record = ctx.state.get(key.as_tuple())
+    if record is None:
+        raise BadRequest(404, f"no attachment {key.network}/{key.container_id}/{key.ifname}")
+    return ok(_attachment(key.as_tuple(), record))
+
+
+async def delete_attachment(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    key = _key(request)
+    removed = ctx.state.delete(key.as_tuple())
+    await _applied(ctx, ctx.reconciler.request())
+    body: dict[str, Any] = {"deleted": removed is not None}
+    if removed is not None:
+        body["attachment"] = _attachment(key.as_tuple(), removed)
+    return ok(body)
+
+
+class _NetworkQuery(BaseModel):
+    model_config = {"frozen": True, "extra": "forbid"}
+    network: NetworkName | None = None
+
+
+async def list_attachments(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    query = _validate(_NetworkQuery, dict(request.query), "query")
+    items = [_attachment(k, r) for k, r in ctx.state.items(query.network)]
+    return ok({"attachments": items, "count": len(items)})
+
+
+class _NetworkPath(BaseModel):
+    model_config = {"frozen": True, "extra": "forbid"}
+    network: NetworkName
+
+
+async def gc_network(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    network = _validate(_NetworkPath, {"network": request.match_info["network"]}, "network").network
+    body = _validate(GcRequest, await read_json(request, GC_BODY_LIMIT), "body")
+    valid = {(v.container_id, v.ifname) for v in body.valid_attachments}
+    removed = ctx.state.gc(network, valid)
+    if removed:
+        ctx.metrics.gc_removed.inc(len(removed))
+        log.info("gc of network %s removed %d attachments", network, len(removed))
+    await _applied(ctx, ctx.reconciler.request())
+    result = GcResult(
+        network=network,
+        removed=tuple(Attachment.model_validate(_attachment(k, r)) for k, r in removed),
+    )
+    return ok(result)
+
+
+async def status(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    body: dict[str, Any] = {
+        "version": __version__,
+        "table": f"inet {ctx.table}",
+        "attachments": len(ctx.state),
+        "addresses": len(ctx.state.owners),
+        "max_attachments": ctx.state.max_attachments,
+    }
+    body.update(ctx.reconciler.status())
+    policy = ctx.reconciler.policy
+    body["policy"] = {
+        "exempt_destinations": [*policy.exempt4, *policy.exempt6],
+        "random_fully": policy.random_fully,
+    }
+    body.update(ctx.extra_status())
+    return ok(body)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return ok({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    if ctx.reconciler.ready:
+        return ok({"ready": True})
+    reason = ctx.reconciler.stats.last_error or "the first sync has not completed"
+    return ok({"ready": False, "reason": reason}, status=503)
+
+
+# ---- middleware ---------------------------------------------------------------------------
+
+
+def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the peer on a Unix socket, None on other transports."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    started = request.loop.time()
+    response: web.StreamResponse
+    creds = peer_credentials(request)
+    if creds is not None and not ctx.access.allows(creds[1], creds[2]):
+        response = error(403, f"uid {creds[1]} is not allowed to use this socket")
+    else:
+        try:
+            response = await handler(request)
+        except BadRequest as exc:
+            response = error(exc.status, exc.message, exc.details)
+        except web.HTTPException as exc:
+            # The router's own answers (404, 405, 413 ...) in the same JSON shape.
+            response = error(exc.status, exc.reason)
+            if exc.status == 405:
+                allowed = exc.headers.get("Allow")
+                if allowed:
+                    response.headers["Allow"] = allowed
+    ctx.metrics.api_requests.labels(
+        route=route, method=request.method, code=str(response.status)
+    ).inc()
+    ctx.metrics.api_duration.labels(route=route).observe(request.loop.time() - started)
+    return response
+
+
+def build_app(ctx: ApiContext) -> web.Application:
+    app = web.Application(
+        middlewares=[middleware],
+        client_max_size=GC_BODY_LIMIT,
+        handler_args={"max_field_size": 8190, "max_line_size": 8190},
+    )
+    app[CONTEXT] = ctx
+    app.router.add_put(ATTACHMENT, put_attachment)
+    app.router.add_get(ATTACHMENT, get_attachment, allow_head=False)
+    app.router.add_delete(ATTACHMENT, delete_attachment)
+    app.router.add_get("/v1/attachments", list_attachments, allow_head=False)
+    app.router.add_post("/v1/networks/{network}/gc", gc_network)
+    app.router.add_get("/v1/status", status, allow_head=False)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+    return app

@@ -1,0 +1,292 @@
+"""The composition root: build the parts, run them, stop them in order.
+
+Start-up, in order:
+1. load the journal into the desired state (problems are reported, never fatal);
+2. apply DELs that the CNI plugin spooled while the daemon was away;
+3. open the API socket (the one systemd passed, or our own), so requests queue meanwhile;
+4. run the first full sync: it lists the table and changes only what differs, so a restart
+   never takes a working rule away;
+5. report ready (sd_notify READY=1, /readyz 200).
+
+Shutdown (SIGTERM, SIGINT): tell systemd we are stopping, stop accepting requests, let the
+loops finish, close the kernel backend. The table stays in the kernel: containers keep their
+masquerade while the daemon is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from masqd import __version__, spool
+from masqd.activation import listen_fds, unix_listener
+from masqd.api import AccessPolicy, ApiContext, build_app
+from masqd.config import DaemonConfig, log_level, parse_args
+from masqd.journal import Journal
+from masqd.metrics import Metrics
+from masqd.models import AttachmentKey
+from masqd.nft import Backend, KernelBackend
+from masqd.reconciler import Reconciler
+from masqd.ruleset import Policy
+from masqd.sdnotify import Notifier, watchdog_loop
+from masqd.state import DesiredState
+
+log = logging.getLogger(__name__)
+
+SPOOL_POLL_SECONDS = 1.0
+STUCK_SYNC_SECONDS = 60.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        backend: Backend | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.journal = Journal(Path(config.state_dir))
+        self.state = DesiredState(journal=self.journal, max_attachments=config.max_attachments)
+        self.backend = backend or KernelBackend(table=config.table, runner=config.nft_runner)
+        self.reconciler = Reconciler(
+            state=self.state,
+            backend=self.backend,
+            table=config.table,
+            policy=Policy(),
+            metrics=self.metrics,
+            journal=self.journal,
+            resync_interval=config.resync_interval,
+        )
+        self.notifier = Notifier()
+        self.spool_dir = spool.spool_dir_for(config.socket)
+        self.journal_problems: list[str] = []
+        self.metrics_address: str | None = None
+        self._stop = asyncio.Event()
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    def load_journal(self) -> None:
+        loaded = self.journal.load()
+        for entry in loaded.entries:
+            try:
+                key = AttachmentKey(
+                    network=entry.key[0], container_id=entry.key[1], ifname=entry.key[2]
+                ).as_tuple()
+                if entry.op == "put":
+                    self.state.load(key, entry.ips)
+                else:
+                    self.state.unload(key)
+            except ValueError as exc:
+                loaded.problems.append(f"journal record for {entry.key}: {exc}; skipped")
+        for problem in loaded.problems:
+            log.error("journal: %s", problem)
+        self.journal_problems = loaded.problems
+        log.info(
+            "journal loaded: %d attachments%s",
+            len(self.state),
+            "" if loaded.found else " (no journal found: starting empty)",
+        )
+
+    def apply_spool(self) -> list[str]:
+        """Apply spooled DELs to the desired state; the spool files to remove once applied."""
+        try:
+            scan = spool.read_spooled_deletes(self.spool_dir)
+        except OSError as exc:
+            log.error("cannot read the DEL spool %s: %s", self.spool_dir, exc)
+            return []
+        done: list[str] = []
+        for problem in scan.problems:
+            log.warning("DEL spool: %s: %s", problem.path, problem.reason)
+            if problem.removable:
+                spool.remove(problem.path)
+        for entry in scan.entries:
+            try:
+                key = AttachmentKey(
+                    network=entry.network, container_id=entry.container_id, ifname=entry.ifname
+                ).as_tuple()
+            except ValueError:
+                log.warning("DEL spool: %s names no valid attachment; dropped", entry.path)
+                spool.remove(entry.path)
+                continue
+            removed = self.state.delete(key)
+            log.info(
+                "applied spooled DEL of %s (%s)",
+                "/".join(key),
+                "removed" if removed else "already absent",
+            )
+            done.append(entry.path)
+        return done
+
+    def open_api_socket(self) -> socket.socket:
+        passed = listen_fds()
+        if passed:
+            log.info("serving the API on the socket passed by systemd")
+            return passed[0]
+        return unix_listener(self.config.socket)
+
+    # ---- run ---------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """For the watchdog: the loop runs (we are called) and no sync is stuck."""
+        return self.reconciler.sync_age() < STUCK_SYNC_SECONDS
+
+    def extra_status(self) -> dict[str, Any]:
+        return {
+            "journal_problems": self.journal_problems[:20],
+            "metrics_address": self.metrics_address,
+            "socket": self.config.socket,
+            "state_dir": self.config.state_dir,
+        }
+
+    async def run(self) -> None:
+        os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
+        self.load_journal()
+        spooled = self.apply_spool()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+        ctx = ApiContext(
+            state=self.state,
+            reconciler=self.reconciler,
+            metrics=self.metrics,
+            access=AccessPolicy(frozenset(self.config.allow_uid), frozenset(self.config.allow_gid)),
+            apply_timeout=self.config.apply_timeout,
+            table=self.config.table,
+            extra_status=self.extra_status,
+        )
+        api_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=2.0)
+        await api_runner.setup()
+        metrics_runner = await self._start_metrics()
+        try:
+            await web.SockSite(api_runner, self.open_api_socket()).start()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.reconciler.run(), name="reconciler")
+                tasks.create_task(self.reconciler.watch_generation(), name="generation-watch")
+                tasks.create_task(self._announce_ready(spooled), name="ready")
+                tasks.create_task(self._watch_spool(), name="spool-watch")
+                tasks.create_task(watchdog_loop(self.notifier, self.healthy), name="watchdog")
+                await self._stop.wait()
+                log.info("stopping; table inet %s stays in the kernel", self.config.table)
+                self.notifier.stopping()
+                # Stop taking requests first, so none is left waiting on a reconciler
+                # that is about to go away ...
+                await api_runner.cleanup()
+                if metrics_runner is not None:
+                    await metrics_runner.cleanup()
+                # ... then end the loops (a transaction in flight completes in its thread).
+                raise _Shutdown
+        except* _Shutdown:
+            pass
+        finally:
+            await api_runner.cleanup()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
+            await self.backend.close()
+            self.journal.close()
+            self.notifier.close()
+
+    async def _announce_ready(self, spooled: list[str]) -> None:
+        await self.reconciler.first_sync_done.wait()
+        for path in spooled:
+            spool.remove(path)
+        self.notifier.ready(f"serving {len(self.state)} attachments")
+        log.info("ready: %d attachments, table inet %s", len(self.state), self.config.table)
+        while True:
+            await asyncio.sleep(10)
+            s = self.reconciler.stats
+            health = "ready" if self.reconciler.ready else "NOT READY"
+            self.notifier.status(
+                f"{len(self.state)} attachments; {health}"
+                f"; syncs {s.total}, failures {s.failures}, drift repairs {s.drift_repairs}"
+            )
+
+    async def _watch_spool(self) -> None:
+        watcher = spool.SpoolWatcher(self.spool_dir)
+        await self.reconciler.first_sync_done.wait()
+        while True:
+            await asyncio.sleep(SPOOL_POLL_SECONDS)
+            if not watcher.poll():
+                continue
+            applied = self.apply_spool()
+            if not applied:
+                continue
+            try:
+                await self.reconciler.wait_applied(
+                    self.reconciler.request(), self.config.apply_timeout
+                )
+            except Exception as exc:
+                log.warning("spooled DELs not confirmed yet (%s); will retry", exc)
+                continue
+            for path in applied:
+                spool.remove(path)
+
+    async def _start_metrics(self) -> web.AppRunner | None:
+        if not self.config.metrics_listen:
+            return None
+        host, _, port = self.config.metrics_listen.rpartition(":")
+        app = web.Application()
+
+        async def metrics_handler(request: web.Request) -> web.Response:
+            body, content_type = self.metrics.exposition()
+            return web.Response(body=body, headers={"Content-Type": content_type})
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(request: web.Request) -> web.Response:
+            ready = self.reconciler.ready
+            return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+        app.router.add_get("/metrics", metrics_handler)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port))
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            addr = sockets[0].getsockname()
+            self.metrics_address = f"{addr[0]}:{addr[1]}"
+        log.info("metrics on http://%s/metrics", self.metrics_address)
+        return runner
+
+
+class _Shutdown(Exception):
+    """Raised inside the task group to cancel its tasks on a stop signal."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=log_level(config.log_level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pyroute2 logs every netlink message at debug: far too much even for our debug.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    if os.geteuid() != 0:
+        log.warning("not running as root: nftables needs CAP_NET_ADMIN")
+    log.info(
+        "masqd %s starting (table inet %s, socket %s)", __version__, config.table, config.socket
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(Daemon(config).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The journal that lets desired attachments survive a daemon restart.
+
+Two files under the state directory (in /run by default, so they vanish with a reboot, as
+the kernel ruleset does):
+- `attachments.snapshot`: every attachment at the last compaction, written to a temporary
+  file, fsynced and renamed into place;
+- `attachments.journal`: one line per change since then, appended.
+
+Each line is `<crc32 hex> <json>`, so a torn write (power loss, SIGKILL mid-write) or any
+corruption is detected line by line. Rewriting one file per change made setups slower as
+the table grew; appending keeps a change O(1), and one fsync covers a whole coalesced batch.
+
+Replaying puts and deletes is idempotent, so a crash between writing a snapshot and
+truncating the journal loses nothing.
+
+Records are queued on the event loop (`record_*`), written by `write_pending` in a worker
+thread, and compacted by `compact` when the journal has grown past its snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT = "attachments.snapshot"
+JOURNAL = "attachments.journal"
+FORMAT_VERSION = 1
+
+Key = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Entry:
+    op: str  # "put" or "del"
+    key: Key
+    ips: tuple[str, ...] = ()
+
+
+@dataclass
+class Loaded:
+    entries: list[Entry] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    found: bool = False  # a snapshot or journal existed
+
+
+def _line(payload: Any) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _parse_line(raw: bytes) -> Any:
+    if not raw.endswith(b"\n"):
+        raise ValueError("torn line (no newline)")
+    crc_hex, _, body = raw[:-1].partition(b" ")
+    if len(crc_hex) != 8 or int(crc_hex, 16) != zlib.crc32(body):
+        raise ValueError("checksum mismatch")
+    return json.loads(body)
+
+
+def _entry(payload: Any) -> Entry:
+    op, key = payload["op"], tuple(payload["k"])
+    if op not in ("put", "del") or len(key) != 3 or not all(isinstance(k, str) for k in key):
+        raise ValueError("malformed record")
+    ips = tuple(payload.get("ips", ()))
+    if op == "put" and (not ips or not all(isinstance(ip, str) for ip in ips)):
+        raise ValueError("malformed record")
+    return Entry(op, (str(key[0]), str(key[1]), str(key[2])), ips)
+
+
+class Journal:
+    def __init__(self, directory: Path, *, compact_min: int = 10_000) -> None:
+        self.directory = directory
+        self.compact_min = compact_min
+        self._pending: list[bytes] = []
+        self._lines_in_journal = 0
+        self._fd: int | None = None
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.directory / SNAPSHOT
+
+    @property
+    def journal_path(self) -> Path:
+        return self.directory / JOURNAL
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def load(self) -> Loaded:
+        """Read snapshot then journal. Corrupt lines are skipped and reported, never raised."""
+        result = Loaded()
+        for path in (self.snapshot_path, self.journal_path):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                result.problems.append(f"{path}: cannot read: {exc}")
+                continue
+            result.found = True
+            lines = data.splitlines(keepends=True)
+            for number, raw in enumerate(lines, 1):
+                try:
+                    payload = _parse_line(raw)
+                    if path == self.snapshot_path and number == 1:
+                        if payload.get("format") != FORMAT_VERSION:
+                            raise ValueError(f"unknown format {payload.get('format')!r}")
+                        continue
+                    result.entries.append(_entry(payload))
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    result.problems.append(f"{path.name} line {number}: {exc}; skipped")
+            if path == self.journal_path:
+                self._lines_in_journal = len(lines)
+        return result
+
+    # ---- recording (event loop) ----------------------------------------------------------
+
+    def record_put(self, key: Key, ips: Iterable[str]) -> None:
+        self._pending.append(_line({"op": "put", "k": list(key), "ips": list(ips)}))
+
+    def record_delete(self, key: Key) -> None:
+        self._pending.append(_line({"op": "del", "k": list(key)}))
+
+    def take_pending(self) -> list[bytes]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def requeue(self, lines: list[bytes]) -> None:
+        """Put back records whose write failed, ahead of anything recorded since."""
+        self._pending[:0] = lines
+
+    def needs_compaction(self, attachments: int) -> bool:
+        return self._lines_in_journal > max(self.compact_min, 2 * attachments)
+
+    # ---- writing (worker thread) ---------------------------------------------------------
+
+    def write_pending(self, lines: list[bytes]) -> None:
+        """Append and fsync: once this returns, the changes survive a crash."""
+        if not lines:
+            return
+        if self._fd is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        data = b"".join(lines)
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        os.fsync(self._fd)
+        self._lines_in_journal += len(lines)
+
+    def compact(self, records: Iterable[tuple[Key, tuple[str, ...]]]) -> None:
+        """Write every attachment as the new snapshot, then start an empty journal."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.snapshot_path.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            out.write(_line({"format": FORMAT_VERSION}))
+            chunk: list[bytes] = []
+            for key, ips in records:
+                chunk.append(_line({"op": "put", "k": list(key), "ips": list(ips)}))
+                if len(chunk) >= 4096:
+                    out.write(b"".join(chunk))
+                    chunk.clear()
+            out.write(b"".join(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.snapshot_path)
+        # Until the journal is truncated, replaying it over the new snapshot is harmless.
+        new_journal = self.journal_path.with_suffix(".tmp")
+        fd = os.open(new_journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fsync(fd)
+        os.replace(new_journal, self.journal_path)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._lines_in_journal = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

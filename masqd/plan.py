@@ -1,0 +1,272 @@
+"""Pure planning: desired state -> desired table; desired vs observed -> one transaction.
+
+No I/O, no clock, no logging, no globals: everything here is a function of its arguments, so
+it is property-tested alone (`plan(d, d)` is empty; applying `plan(d, o)` to `o` gives `d`).
+
+A transaction is a value. It has three tiers, cheapest first, and the planner picks the
+cheapest that reaches the desired table:
+- element changes only (the normal case: a setup adds a handful of elements);
+- the chain's rules rewritten in place (someone flushed the chain or inserted a rule);
+- the whole table replaced atomically (`add table; delete table; add table; ...` in one batch)
+  when sets or chains are missing, foreign or of the wrong type.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from masqd import ruleset
+from masqd.ruleset import (
+    ALL_SETS,
+    EXEMPT4,
+    EXEMPT6,
+    Element,
+    Policy,
+    TableState,
+    family_sets,
+    owner_comment,
+)
+
+AttachmentKeyT = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRecord:
+    """An attachment as the planner sees it: its IPs as (address, subnet) and its setup order."""
+
+    ips: tuple[tuple[str, str], ...]
+    seq: int
+
+
+# ---- desired state -> desired table -----------------------------------------------------
+
+
+def address_subnet(ip: str) -> tuple[str, str]:
+    """'10.22.0.5/16' -> ('10.22.0.5', '10.22.0.0/16')."""
+    iface = ipaddress.ip_interface(ip)
+    return str(iface.ip), str(iface.network)
+
+
+def elements_for_owner(
+    address: str, owner: AttachmentKeyT, subnet: str
+) -> tuple[tuple[str, Element], tuple[str, Element]]:
+    """The (sources, local) elements that the deciding owner of `address` puts in the table."""
+    sources, local = family_sets(address)
+    comment = owner_comment(*owner)
+    return (sources, Element(address, None, comment)), (local, Element(address, subnet, comment))
+
+
+def exempt_elements(policy: Policy) -> dict[str, dict[str, Element]]:
+    """The exempt sets' elements: CIDRs collapsed, since an interval set refuses overlaps."""
+    out: dict[str, dict[str, Element]] = {}
+    for name, cidrs in ((EXEMPT4, policy.exempt4), (EXEMPT6, policy.exempt6)):
+        nets: list[str] = [
+            str(n)
+            for n in ipaddress.collapse_addresses(
+                ipaddress.ip_network(c)
+                for c in cidrs  # type: ignore[type-var]
+            )
+        ]
+        out[name] = {n: Element(n) for n in nets}
+    return out
+
+
+def desired_table(
+    attachments: Mapping[AttachmentKeyT, AttachmentRecord], policy: Policy
+) -> TableState:
+    """The reference computation of the table that a set of attachments calls for.
+
+    Every address held by at least one attachment is in its family's sources set; its local
+    element carries the subnet of the most recently set-up holder (the highest `seq`), which
+    is also the owner its comments name. `state.DesiredState` maintains the same result
+    incrementally; tests prove the two agree.
+    """
+    deciding: dict[str, tuple[int, AttachmentKeyT, str]] = {}
+    for key, record in attachments.items():
+        for address, subnet in record.ips:
+            current = deciding.get(address)
+            if current is None or record.seq > current[0]:
+                deciding[address] = (record.seq, key, subnet)
+    table = TableState(ruleset.desired_structure(policy))
+    for address, (_, key, subnet) in deciding.items():
+        for set_name, elem in elements_for_owner(address, key, subnet):
+            table.sets[set_name][address] = elem
+    table.sets.update(exempt_elements(policy))
+    return table
+
+
+# ---- desired vs observed -> transaction -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One atomic nftables batch, as a value.
+
+    `recreate`: replace the table whole (structure first, then `add` holds every element).
+    `rewrite_rules`: flush the chain and add its rules again.
+    `delete`/`add`: element changes per set, deletes applied before adds.
+    """
+
+    table: str
+    policy: Policy
+    recreate: bool = False
+    rewrite_rules: bool = False
+    delete: Mapping[str, tuple[Element, ...]] = field(default_factory=dict)
+    add: Mapping[str, tuple[Element, ...]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.recreate
+            or self.rewrite_rules
+            or any(self.delete.values())
+            or any(self.add.values())
+        )
+
+    @property
+    def element_changes(self) -> int:
+        return sum(len(v) for v in self.delete.values()) + sum(len(v) for v in self.add.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """The batch in nftables JSON (libnftables-json(5))."""
+        t = self.table
+        cmds: list[dict[str, Any]] = []
+        if self.recreate:
+            # Adding first makes the delete valid whether or not the table exists; all three
+            # commit together, so no packet ever sees the table missing.
+            cmds.append({"add": {"table": ruleset.table_ref(t)}})
+            cmds.append({"delete": {"table": ruleset.table_ref(t)}})
+            cmds.append({"add": {"table": ruleset.table_ref(t)}})
+            cmds.extend(ruleset.structure_commands(t, self.policy))
+        elif self.rewrite_rules:
+            cmds.append({"flush": {"chain": {"family": "inet", "table": t, "name": ruleset.CHAIN}}})
+            cmds.extend(ruleset.rule_commands(t, self.policy))
+        for verb, groups, with_comment in (("delete", self.delete, False), ("add", self.add, True)):
+            for set_name in ALL_SETS:
+                elems = groups.get(set_name, ())
+                if elems:
+                    cmds.append(
+                        {
+                            verb: {
+                                "element": {
+                                    "family": "inet",
+                                    "table": t,
+                                    "name": set_name,
+                                    "elem": [
+                                        ruleset.element_json(set_name, e, with_comment=with_comment)
+                                        for e in elems
+                                    ],
+                                }
+                            }
+                        }
+                    )
+        return {"nftables": cmds}
+
+    def to_script(self) -> str:
+        """The batch as nft script text: for logs, debugging and `masqctl diff`."""
+        t = self.table
+        lines: list[str] = []
+        if self.recreate:
+            lines += [
+                f"add table inet {t}",
+                f"delete table inet {t}",
+                f"add table inet {t}",
+                f"# ... sets, chain {ruleset.CHAIN} and its rules as designed",
+            ]
+        elif self.rewrite_rules:
+            lines += [
+                f"flush chain inet {t} {ruleset.CHAIN}",
+                f"# ... the {len(ruleset.rule_exprs(self.policy))} rules of {ruleset.CHAIN}",
+            ]
+        for verb, groups in (("delete", self.delete), ("add", self.add)):
+            for set_name in ALL_SETS:
+                for e in groups.get(set_name, ()):
+                    lines.append(
+                        f"{verb} element inet {t} {set_name} "
+                        f"{{ {ruleset.element_script(set_name, e)} }}"
+                    )
+        return "\n".join(lines)
+
+
+def plan(
+    desired: TableState,
+    observed: TableState,
+    *,
+    table: str,
+    policy: Policy,
+    touched: Iterable[str] | None = None,
+) -> Transaction:
+    """The one transaction that turns `observed` into `desired`.
+
+    `touched`: when given, only these keys (addresses or exempt CIDRs) are compared, because
+    the caller knows nothing else changed since `observed` was right: this keeps a setup's
+    cost independent of the table's size. None compares everything.
+    """
+    assert desired.structure is not None
+    if observed.structure is None or (
+        observed.structure.sets != desired.structure.sets
+        or observed.structure.chains != desired.structure.chains
+    ):
+        return Transaction(
+            table,
+            policy,
+            recreate=True,
+            add={name: tuple(desired.sets[name].values()) for name in ALL_SETS},
+        )
+    rewrite_rules = observed.structure.rules != desired.structure.rules
+    delete: dict[str, tuple[Element, ...]] = {}
+    add: dict[str, tuple[Element, ...]] = {}
+    keys = None if touched is None else set(touched)
+    for name in ALL_SETS:
+        want, have = desired.sets[name], observed.sets[name]
+        if keys is None:
+            stale = [e for k, e in have.items() if want.get(k) != e]
+            missing = [e for k, e in want.items() if have.get(k) != e]
+        else:
+            stale, missing = [], []
+            for k in keys:
+                w, h = want.get(k), have.get(k)
+                if w != h:
+                    if h is not None:
+                        stale.append(h)
+                    if w is not None:
+                        missing.append(w)
+        if stale:
+            delete[name] = tuple(stale)
+        if missing:
+            add[name] = tuple(missing)
+    return Transaction(table, policy, rewrite_rules=rewrite_rules, delete=delete, add=add)
+
+
+def apply(tx: Transaction, observed: TableState) -> TableState:
+    """What the kernel holds after `tx` commits on top of `observed` (a new value)."""
+    result = observed.copy()
+    apply_in_place(tx, result, desired_structure=ruleset.desired_structure(tx.policy))
+    return result
+
+
+def apply_in_place(
+    tx: Transaction, state: TableState, *, desired_structure: ruleset.Structure
+) -> None:
+    """`apply`, mutating `state`: the reconciler keeps its mirror of the kernel this way
+    without copying 100,000 elements per setup."""
+    if tx.recreate:
+        state.structure = desired_structure
+        for name in ALL_SETS:
+            state.sets[name] = {}
+    elif tx.rewrite_rules:
+        assert state.structure is not None
+        state.structure = ruleset.Structure(
+            state.structure.sets, state.structure.chains, desired_structure.rules
+        )
+    for name, elems in tx.delete.items():
+        current = state.sets[name]
+        for e in elems:
+            current.pop(e.key, None)
+    for name, elems in tx.add.items():
+        current = state.sets[name]
+        for e in elems:
+            current[e.key] = e

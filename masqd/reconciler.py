@@ -1,0 +1,392 @@
+"""The loop that keeps the kernel's table equal to the desired state.
+
+One serialised writer. It waits on a trigger: the desired state changed (`request`), the
+ruleset generation moved under us (`watch_generation`, or an nftables event), the periodic
+full resync, or a retry after a failure. Requests that arrive while a transaction is in
+flight pile up and go into the next one together, so bursts coalesce by themselves.
+
+Two kinds of sync:
+- partial: plan only the element keys that changed since the last sync, against the mirror
+  of the kernel kept in memory. Its cost does not depend on the table's size.
+- full: list the table, plan everything, and trust the listing as the new mirror. Used at
+  start-up, on suspected drift, periodically, and after any failure.
+
+A kernel error never escapes: it is logged and counted, waiters keep waiting (bounded by
+their own timeout), readiness goes false, and the next attempt is a full sync after a
+backoff. A partial sync that fails is retried at once as a full sync, since a stale mirror
+(someone deleted an element we were about to delete) is its usual cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from masqd import plan, ruleset
+from masqd.journal import Journal
+from masqd.metrics import Metrics
+from masqd.nft import Backend, NftError
+from masqd.ruleset import Policy, TableState
+from masqd.state import DesiredState
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN = 0.1
+RETRY_MAX = 5.0
+
+
+class SyncUnavailable(Exception):
+    """A change was accepted but the kernel did not take it in time; says why."""
+
+
+@dataclass
+class SyncStats:
+    total: int = 0
+    full: int = 0
+    partial: int = 0
+    failures: int = 0
+    drift_repairs: int = 0
+    last_time: float | None = None
+    last_kind: str | None = None
+    last_result: str | None = None  # "ok" or "error"
+    last_error: str | None = None
+    last_duration: float | None = None
+    last_ok_time: float | None = None
+    last_tx_elements: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        state: DesiredState,
+        backend: Backend,
+        table: str,
+        policy: Policy,
+        metrics: Metrics,
+        journal: Journal | None = None,
+        resync_interval: float = 60.0,
+        generation_poll_interval: float = 0.25,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state
+        self.backend = backend
+        self.table = table
+        self.journal = journal
+        self.metrics = metrics
+        self.resync_interval = resync_interval
+        self.generation_poll_interval = generation_poll_interval
+        self._wall = wall_clock
+        self.stats = SyncStats()
+        self.policy = policy
+        self._structure = ruleset.desired_structure(policy)
+        self._mirror: TableState | None = None  # what the kernel holds, as far as we know
+        self._known_generation: int | None = None
+        self._wake = asyncio.Event()
+        self._full_needed = True
+        self._full_reason = "startup"
+        self._retry_at: float | None = None
+        self._consecutive_failures = 0
+        self._syncing = False
+        self._sync_started: float | None = None
+        self._applied_version = -1
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._next_resync = 0.0
+        self.first_sync_done = asyncio.Event()
+
+    # ---- what the API and daemon use -----------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.first_sync_done.is_set()
+            and self._retry_at is None
+            and (self.stats.last_result == "ok")
+        )
+
+    @property
+    def mirror(self) -> TableState | None:
+        return self._mirror
+
+    def sync_age(self) -> float:
+        """Seconds the sync in flight has been running; 0 when none is."""
+        if self._sync_started is None:
+            return 0.0
+        return asyncio.get_running_loop().time() - self._sync_started
+
+    def request(self) -> int:
+        """Ask for a sync of the current desired state; the version to wait for."""
+        self._wake.set()
+        return self.state.version
+
+    def request_full(self, reason: str) -> None:
+        self._full_needed = True
+        self._full_reason = reason
+        self._wake.set()
+
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self._structure = ruleset.desired_structure(policy)
+        self.request_full("policy")
+
+    async def wait_applied(self, version: int, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once the kernel holds desired state `version` (or a later one)."""
+        if self._applied_version >= version:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (version, future)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            reason = self.stats.last_error or "the reconciler is busy"
+            raise SyncUnavailable(
+                f"not confirmed in the kernel within {timeout:g}s: {reason}"
+            ) from None
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def plan_now(self) -> plan.Transaction | None:
+        """What a full sync against the current mirror would do (for `masqctl diff`)."""
+        if self._mirror is None:
+            return None
+        desired = TableState(self._structure, self.state.table_sets(self.policy))
+        return plan.plan(desired, self._mirror, table=self.table, policy=self.policy)
+
+    def status(self) -> dict[str, Any]:
+        s = self.stats
+        mirror = self._mirror
+        return {
+            "ready": self.ready,
+            "syncs": {
+                "total": s.total,
+                "full": s.full,
+                "partial": s.partial,
+                "failures": s.failures,
+                "drift_repairs": s.drift_repairs,
+            },
+            "last_sync": {
+                "time": s.last_time,
+                "kind": s.last_kind,
+                "result": s.last_result,
+                "error": s.last_error,
+                "duration_seconds": s.last_duration,
+                "last_success_time": s.last_ok_time,
+            },
+            "kernel_elements": _family_counts(mirror) if mirror else {"ipv4": 0, "ipv6": 0},
+            "generation": self._known_generation,
+            "applied_version": self._applied_version,
+        }
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._next_resync = loop.time() + self.resync_interval
+        while True:
+            await self._next_trigger()
+            await self.sync_once()
+
+    async def _next_trigger(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            if self._retry_at is not None:
+                if now >= self._retry_at:
+                    return
+                # Backing off: new requests wait for the retry, which will carry them.
+                await asyncio.sleep(self._retry_at - now)
+                continue
+            if self._full_needed or self._wake.is_set():
+                return
+            if now >= self._next_resync:
+                self._full_needed, self._full_reason = True, "resync"
+                return
+            try:
+                async with asyncio.timeout(self._next_resync - now):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def sync_once(self) -> bool:
+        """One sync; True when it succeeded. Never raises but for cancellation."""
+        loop = asyncio.get_running_loop()
+        self._wake.clear()
+        full = self._full_needed or self._mirror is None
+        reason = self._full_reason if full else "change"
+        kind = "full" if full else "partial"
+        version = self.state.version
+        dirty = self.state.take_dirty()
+        pending = self.journal.take_pending() if self.journal else []
+        started = loop.time()
+        self._syncing = True
+        self._sync_started = started
+        self._full_needed = False
+        try:
+            drifted = await self._sync(full=full, dirty=dirty, pending=pending)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._on_failure(exc, kind=kind, dirty=dirty, pending=pending, partial=not full)
+            return False
+        finally:
+            self._syncing = False
+            self._sync_started = None
+            elapsed = loop.time() - started
+            self.metrics.sync_duration.labels(kind=kind).observe(elapsed)
+            self.metrics.last_sync.set(self._wall())
+            self.stats.last_duration = elapsed
+            self.stats.last_time = self._wall()
+            self.stats.last_kind = kind
+            self.stats.total += 1
+            if full:
+                self.stats.full += 1
+            else:
+                self.stats.partial += 1
+        if full:
+            self._next_resync = loop.time() + self.resync_interval
+        if drifted:
+            self.stats.drift_repairs += 1
+            self.metrics.drift_repairs.inc()
+            log.warning("repaired drift in table inet %s (trigger: %s)", self.table, reason)
+        self._on_success(version)
+        return True
+
+    async def _sync(self, *, full: bool, dirty: set[str], pending: list[bytes]) -> bool:
+        """Plan, journal, apply. True when a full sync found the kernel differing from what
+        masqd had last written (drift)."""
+        drifted = False
+        if full:
+            observation = await self.backend.observe()
+            observed = observation.table
+            if self._mirror is not None and not _same_table(observed, self._mirror):
+                drifted = True
+            self._known_generation = observation.generation
+            mirror = observed
+        else:
+            assert self._mirror is not None
+            mirror = self._mirror
+        desired = TableState(self._structure, self.state.table_sets(self.policy))
+        tx = plan.plan(
+            desired, mirror, table=self.table, policy=self.policy, touched=None if full else dirty
+        )
+        if pending and self.journal is not None:
+            # Durable before the kernel has it: an acknowledged change survives a crash.
+            await asyncio.to_thread(self.journal.write_pending, pending)
+        if not tx.empty:
+            applied = await self.backend.apply(tx)
+            plan.apply_in_place(tx, mirror, desired_structure=self._structure)
+            self._known_generation = applied.generation
+            if not applied.exclusive:
+                # Someone else committed around our transaction: check with a full sync.
+                self.request_full("concurrent change")
+        self._mirror = mirror
+        self.stats.last_tx_elements = tx.element_changes
+        if self.journal is not None and self.journal.needs_compaction(len(self.state)):
+            records = [
+                (k, tuple(f"{a}/{s.split('/')[1]}" for a, s in r.ips))
+                for k, r in self.state.items()
+            ]
+            await asyncio.to_thread(self.journal.compact, records)
+        return drifted
+
+    def _on_success(self, version: int) -> None:
+        s = self.stats
+        s.last_result, s.last_error = "ok", None
+        s.last_ok_time = self._wall()
+        self._consecutive_failures = 0
+        self._retry_at = None
+        self._applied_version = max(self._applied_version, version)
+        self.metrics.last_successful_sync.set(s.last_ok_time)
+        self.metrics.attachments.set(len(self.state))
+        if self._mirror is not None:
+            for family, count in _family_counts(self._mirror).items():
+                self.metrics.kernel_elements.labels(family=family).set(count)
+        still_waiting = []
+        for entry in self._waiters:
+            waited_version, future = entry
+            if waited_version <= self._applied_version:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still_waiting.append(entry)
+        self._waiters[:] = still_waiting
+        if not self.first_sync_done.is_set():
+            self.first_sync_done.set()
+            log.info(
+                "first sync done: table inet %s holds %d attachments' addresses",
+                self.table,
+                len(self.state.owners),
+            )
+
+    def _on_failure(
+        self, exc: Exception, *, kind: str, dirty: set[str], pending: list[bytes], partial: bool
+    ) -> None:
+        s = self.stats
+        s.failures += 1
+        s.last_result = "error"
+        s.last_error = str(exc) if isinstance(exc, (NftError, OSError)) else repr(exc)
+        self.metrics.sync_failures.inc()
+        self.state.restore_dirty(dirty)
+        if pending and self.journal is not None:
+            # Not written: put the records back in front of anything newer.
+            self.journal.requeue(pending)
+        self._full_needed, self._full_reason = True, "retry"
+        if partial and self._consecutive_failures == 0:
+            # Most likely a stale mirror: go again at once, but with a full sync.
+            log.info("partial sync failed (%s); retrying with a full sync", s.last_error)
+            self._consecutive_failures = 1
+            self._retry_at = None
+            self._wake.set()
+            return
+        self._consecutive_failures += 1
+        delay = min(RETRY_MAX, RETRY_MIN * 2 ** (self._consecutive_failures - 1))
+        self._retry_at = asyncio.get_running_loop().time() + delay
+        logger = log.exception if not isinstance(exc, (NftError, OSError)) else log.error
+        logger(
+            "%s sync failed (attempt %d), retrying in %.1fs: %s",
+            kind,
+            self._consecutive_failures,
+            delay,
+            s.last_error,
+        )
+
+    # ---- drift watch ---------------------------------------------------------------------
+
+    async def watch_generation(self) -> None:
+        """Poll the ruleset generation; a move we did not make triggers a full sync."""
+        while True:
+            await asyncio.sleep(self.generation_poll_interval)
+            if self._syncing or self._known_generation is None or self._full_needed:
+                continue
+            try:
+                generation = await self.backend.generation()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("reading the ruleset generation failed: %s", exc)
+                continue
+            if not self._syncing and generation != self._known_generation:
+                log.info(
+                    "ruleset generation moved (%s -> %s): checking table inet %s",
+                    self._known_generation,
+                    generation,
+                    self.table,
+                )
+                self.request_full("generation")
+
+
+def _same_table(a: TableState, b: TableState) -> bool:
+    return a.structure == b.structure and a.sets == b.sets
+
+
+def _family_counts(table: TableState) -> dict[str, int]:
+    v4 = sum(len(table.sets[n]) for n in (ruleset.SOURCES4, ruleset.LOCAL4, ruleset.EXEMPT4))
+    v6 = sum(len(table.sets[n]) for n in (ruleset.SOURCES6, ruleset.LOCAL6, ruleset.EXEMPT6))
+    return {"ipv4": v4, "ipv6": v6}

@@ -1,0 +1,175 @@
+"""The desired attachments and their owner index.
+
+`DesiredState` is the only holder of what the runtime asked for. It keeps, incrementally and
+in O(IPs of the attachment) per change:
+- `attachments`: key -> record (IPs with their subnets, setup sequence number);
+- `owners`: address -> the attachments that hold it, with the subnet each one gave;
+- `table`: the set elements the kernel should hold (what `plan.desired_table` computes from
+  scratch; a property test keeps the two in agreement);
+- `dirty`: the element keys changed since the reconciler last took them.
+
+An address stays in the table while any attachment holds it; its local element follows the
+most recently set-up holder. Every change is also written to the journal (see `journal`), and
+every change bumps `version`, which the API awaits to know its change reached the kernel.
+
+All methods run on the event loop thread; nothing here awaits, so changes are serialised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+from masqd import plan
+from masqd.journal import Journal
+from masqd.plan import AttachmentKeyT, AttachmentRecord
+from masqd.ruleset import ALL_SETS, Element, Policy, family_sets
+
+log = logging.getLogger(__name__)
+
+
+class CapacityExceeded(Exception):
+    """A new attachment would exceed --max-attachments."""
+
+
+class DesiredState:
+    def __init__(self, *, journal: Journal | None = None, max_attachments: int = 100_000) -> None:
+        self.attachments: dict[AttachmentKeyT, AttachmentRecord] = {}
+        # address -> {owner key: subnet}; dicts keep insertion order, and an owner is
+        # re-inserted on every setup, so the last entry is the most recent holder.
+        self.owners: dict[str, dict[AttachmentKeyT, str]] = {}
+        self.elements: dict[str, dict[str, Element]] = {name: {} for name in ALL_SETS}
+        self.dirty: set[str] = set()
+        self.version = 0
+        self.max_attachments = max_attachments
+        self._seq = 0
+        self._journal = journal
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def get(self, key: AttachmentKeyT) -> AttachmentRecord | None:
+        return self.attachments.get(key)
+
+    def items(
+        self, network: str | None = None
+    ) -> Iterator[tuple[AttachmentKeyT, AttachmentRecord]]:
+        for key, record in self.attachments.items():
+            if network is None or key[0] == network:
+                yield key, record
+
+    def __len__(self) -> int:
+        return len(self.attachments)
+
+    def table_sets(self, policy: Policy) -> dict[str, dict[str, Element]]:
+        """The desired set elements, with the policy's exempt sets (no copy of the big sets)."""
+        sets = dict(self.elements)
+        sets.update(plan.exempt_elements(policy))
+        return sets
+
+    # ---- changes -------------------------------------------------------------------------
+
+    def put(self, key: AttachmentKeyT, ips: Iterable[str]) -> bool:
+        """Set (or replace) an attachment's IPs, given canonical 'address/prefix' strings.
+
+        Returns False when the attachment already has exactly these IPs (nothing changes, no
+        journal record). Raises CapacityExceeded, changing nothing, when a new attachment
+        would exceed the limit.
+        """
+        pairs = tuple(plan.address_subnet(ip) for ip in ips)
+        previous = self.attachments.get(key)
+        if previous is not None and previous.ips == pairs:
+            return False
+        if previous is None and len(self.attachments) >= self.max_attachments:
+            raise CapacityExceeded(
+                f"the daemon holds {len(self.attachments)} attachments, the configured maximum"
+            )
+        self._set(key, pairs)
+        if self._journal is not None:
+            self._journal.record_put(key, [f"{a}/{s.split('/')[1]}" for a, s in pairs])
+        return True
+
+    def delete(self, key: AttachmentKeyT) -> AttachmentRecord | None:
+        """Remove an attachment; the removed record, or None if it was not there."""
+        record = self._remove(key)
+        if record is not None and self._journal is not None:
+            self._journal.record_delete(key)
+        return record
+
+    def gc(
+        self, network: str, valid: set[tuple[str, str]]
+    ) -> list[tuple[AttachmentKeyT, AttachmentRecord]]:
+        """Remove every attachment of `network` whose (container ID, ifname) is not in `valid`."""
+        stale = [(k, r) for k, r in self.items(network) if (k[1], k[2]) not in valid]
+        for key, _ in stale:
+            self.delete(key)
+        return stale
+
+    def load(self, key: AttachmentKeyT, ips: Iterable[str]) -> None:
+        """Put without journalling: for replaying the journal itself."""
+        pairs = tuple(plan.address_subnet(ip) for ip in ips)
+        self._set(key, pairs)
+
+    def unload(self, key: AttachmentKeyT) -> None:
+        self._remove(key)
+
+    def take_dirty(self) -> set[str]:
+        dirty, self.dirty = self.dirty, set()
+        return dirty
+
+    def restore_dirty(self, keys: set[str]) -> None:
+        """Give back keys taken by a sync that failed."""
+        self.dirty |= keys
+
+    # ---- owner index ---------------------------------------------------------------------
+
+    def _set(self, key: AttachmentKeyT, pairs: tuple[tuple[str, str], ...]) -> None:
+        previous = self.attachments.pop(key, None)
+        if previous is not None:
+            self._release(key, previous, keep={a for a, _ in pairs})
+        self._seq += 1
+        self.attachments[key] = AttachmentRecord(pairs, self._seq)
+        for address, subnet in pairs:
+            holders = self.owners.setdefault(address, {})
+            holders.pop(key, None)
+            holders[key] = subnet  # last = most recent
+            self._refresh(address)
+        self.version += 1
+
+    def _remove(self, key: AttachmentKeyT) -> AttachmentRecord | None:
+        record = self.attachments.pop(key, None)
+        if record is None:
+            return None
+        self._release(key, record, keep=set())
+        self.version += 1
+        return record
+
+    def _release(self, key: AttachmentKeyT, record: AttachmentRecord, *, keep: set[str]) -> None:
+        for address, _ in record.ips:
+            if address in keep:
+                continue
+            holders = self.owners.get(address)
+            if holders is None:
+                continue
+            holders.pop(key, None)
+            if not holders:
+                del self.owners[address]
+            self._refresh(address)
+
+    def _refresh(self, address: str) -> None:
+        """Recompute the elements of one address from its holders."""
+        sources, local = family_sets(address)
+        holders = self.owners.get(address)
+        if holders:
+            owner = next(reversed(holders))
+            (_, src_elem), (_, local_elem) = plan.elements_for_owner(address, owner, holders[owner])
+            if self.elements[sources].get(address) != src_elem:
+                self.elements[sources][address] = src_elem
+                self.dirty.add(address)
+            if self.elements[local].get(address) != local_elem:
+                self.elements[local][address] = local_elem
+                self.dirty.add(address)
+        else:
+            if self.elements[sources].pop(address, None) is not None:
+                self.dirty.add(address)
+            if self.elements[local].pop(address, None) is not None:
+                self.dirty.add(address)
