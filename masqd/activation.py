@@ -68,7 +68,7 @@ def listen_fds(
         os.set_inheritable(fd, False)
         # fileno= lets Python read family, type and protocol from the descriptor itself.
         socks.append(socket.socket(fileno=fd))
-    log.info("using sockets passed by the service manager", extra={"count": count})
+    log.info("%d socket(s) passed by the service manager", count)
     return socks
 
 
@@ -101,7 +101,7 @@ def unix_listener(
     except BaseException:
         sock.close()
         raise
-    log.info("listening on unix socket", extra={"path": path, "mode": oct(mode)})
+    log.info("listening on %s (mode %o)", path, mode)
     return sock
 
 
@@ -120,7 +120,7 @@ def _remove_stale_socket(path: str) -> None:
         # Nobody listens: the socket file of a process that is gone.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        log.info("removed stale socket file", extra={"path": path})
+        log.info("removed stale socket file %s (nobody listened on it)", path)
         return
     except BlockingIOError:
         pass  # backlog full: alive and busy

@@ -55,10 +55,7 @@ class Notifier:
         raw = env.get("NOTIFY_SOCKET", "")
         self._address = _socket_address(raw) if raw else None
         if raw and self._address is None:
-            log.debug(
-                "unsupported NOTIFY_SOCKET address, notifications disabled",
-                extra={"notify_socket": raw},
-            )
+            log.debug("NOTIFY_SOCKET=%s is not a path or @abstract address: not notifying", raw)
         self._watchdog_usec = env.get("WATCHDOG_USEC")
         self._watchdog_for_us = _environ_pid_matches(env, "WATCHDOG_PID")
         self._sock: socket.socket | None = None
@@ -81,7 +78,7 @@ class Notifier:
         except OSError as exc:
             if not self._failure_logged:
                 # Once: a manager that is gone stays gone, and the log should not fill up.
-                log.debug("sd_notify send failed", extra={"error": str(exc)})
+                log.debug("sd_notify send failed (%s); further failures are not logged", exc)
                 self._failure_logged = True
             return False
         return True
@@ -149,8 +146,8 @@ async def watchdog_loop(notifier: Notifier, healthy: Callable[[], bool]) -> None
                 log.info("daemon healthy again, watchdog pings resumed")
             else:
                 log.warning(
-                    "daemon unhealthy, watchdog pings withheld",
-                    extra={"watchdog_timeout_s": interval},
+                    "daemon unhealthy: watchdog pings withheld (systemd restarts us after %gs)",
+                    interval,
                 )
             was_healthy = is_healthy
         # Scheduled from a fixed origin so pings do not drift later and later; after a stalled

@@ -100,7 +100,8 @@ def test_send_failure_never_raises_and_is_logged_once(
         assert notifier.ready() is False
         assert notifier.watchdog() is False
         assert notifier.stopping() is False
-    assert [r.getMessage() for r in caplog.records] == ["sd_notify send failed"]
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith("sd_notify send failed")
     assert caplog.records[0].levelno == logging.DEBUG
     notifier.close()
 
