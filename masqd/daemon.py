@@ -34,7 +34,7 @@ from masqd.api import AccessPolicy, ApiContext, build_app
 from masqd.config import DaemonConfig, log_level, parse_args
 from masqd.journal import Journal
 from masqd.metrics import Metrics
-from masqd.models import AttachmentKey
+from masqd.models import AttachmentKey, key_problem
 from masqd.nft import Backend, KernelBackend
 from masqd.reconciler import Reconciler
 from masqd.ruleset import Policy
@@ -80,10 +80,12 @@ class Daemon:
     def load_journal(self) -> None:
         loaded = self.journal.load()
         for entry in loaded.entries:
+            problem = key_problem(*entry.key)
+            if problem is not None:
+                loaded.problems.append(f"journal record for {entry.key}: {problem}; skipped")
+                continue
+            key = entry.key
             try:
-                key = AttachmentKey(
-                    network=entry.key[0], container_id=entry.key[1], ifname=entry.key[2]
-                ).as_tuple()
                 if entry.op == "put":
                     self.state.load(key, entry.ips)
                 else:

@@ -96,7 +96,8 @@ class Journal:
     def load(self) -> Loaded:
         """Read snapshot then journal. Corrupt lines are skipped and reported, never raised."""
         result = Loaded()
-        for path in (self.snapshot_path, self.journal_path):
+        snapshot_path = self.snapshot_path
+        for path in (snapshot_path, self.journal_path):
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
@@ -109,7 +110,7 @@ class Journal:
             for number, raw in enumerate(lines, 1):
                 try:
                     payload = _parse_line(raw)
-                    if path == self.snapshot_path and number == 1:
+                    if number == 1 and path == snapshot_path:
                         if payload.get("format") != FORMAT_VERSION:
                             raise ValueError(f"unknown format {payload.get('format')!r}")
                         continue

@@ -97,6 +97,28 @@ AttachmentIPs = Annotated[
     AfterValidator(_check_ips),
 ]
 
+_CNI_NAME = re.compile(CNI_NAME_PATTERN)
+
+
+def key_problem(network: str, container_id: str, ifname: str) -> str | None:
+    """Why (network, container ID, ifname) is not a valid attachment key, or None.
+
+    The same rules as `AttachmentKey`, without pydantic's per-call cost: start-up checks
+    every journal record with it.
+    """
+    for name, value, limit in (
+        ("network", network, MAX_NETWORK_NAME),
+        ("container ID", container_id, MAX_CONTAINER_ID),
+    ):
+        if not isinstance(value, str) or not 1 <= len(value) <= limit or not _CNI_NAME.match(value):
+            return f"invalid {name} {value!r}"
+    try:
+        _check_ifname(ifname)
+    except (ValueError, AttributeError) as exc:
+        return str(exc)
+    return None
+
+
 _STRICT = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
 
 

@@ -14,6 +14,7 @@ cheapest that reaches the desired table:
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,23 @@ class AttachmentRecord:
 
 
 def address_subnet(ip: str) -> tuple[str, str]:
-    """'10.22.0.5/16' -> ('10.22.0.5', '10.22.0.0/16')."""
+    """'10.22.0.5/16' -> ('10.22.0.5', '10.22.0.0/16').
+
+    IPv4 takes a fast path (start-up replays 100,000 of these; `ipaddress` costs ~25 us each).
+    """
+    address, _, prefix = ip.partition("/")
+    if ":" not in address and prefix.isdigit() and int(prefix) <= 32:
+        try:
+            packed = socket.inet_pton(socket.AF_INET, address)
+        except OSError:
+            pass
+        else:
+            bits = int(prefix)
+            mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
+            network = (int.from_bytes(packed, "big") & mask).to_bytes(4, "big")
+            return socket.inet_ntop(
+                socket.AF_INET, packed
+            ), f"{socket.inet_ntop(socket.AF_INET, network)}/{bits}"
     iface = ipaddress.ip_interface(ip)
     return str(iface.ip), str(iface.network)
 
