@@ -94,6 +94,7 @@ class Reconciler:
         self._consecutive_failures = 0
         self._syncing = False
         self._sync_started: float | None = None
+        self._taken = _Taken(-1, set(), [])
         self._applied_version = -1
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._next_resync = 0.0
@@ -221,19 +222,20 @@ class Reconciler:
         full = self._full_needed or self._mirror is None
         reason = self._full_reason if full else "change"
         kind = "full" if full else "partial"
-        version = self.state.version
-        dirty = self.state.take_dirty()
-        pending = self.journal.take_pending() if self.journal else []
         started = loop.time()
         self._syncing = True
         self._sync_started = started
         self._full_needed = False
+        self._taken = _Taken(self.state.version, set(), [])
         try:
-            drifted = await self._sync(full=full, dirty=dirty, pending=pending)
+            drifted = await self._sync(full=full, reason=reason, taken=self._taken)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._on_failure(exc, kind=kind, dirty=dirty, pending=pending, partial=not full)
+            taken = self._taken
+            self._on_failure(
+                exc, kind=kind, dirty=taken.dirty, pending=taken.pending, partial=not full
+            )
             return False
         finally:
             self._syncing = False
@@ -255,23 +257,42 @@ class Reconciler:
             self.stats.drift_repairs += 1
             self.metrics.drift_repairs.inc()
             log.warning("repaired drift in table inet %s (trigger: %s)", self.table, reason)
-        self._on_success(version)
+        self._on_success(self._taken.version)
         return True
 
-    async def _sync(self, *, full: bool, dirty: set[str], pending: list[bytes]) -> bool:
+    async def _observe(self, reason: str) -> TableState:
+        """The kernel's table. A periodic resync skips the listing when the ruleset generation
+        has not moved since our last look: nothing was committed, so the mirror is exact, and
+        an idle daemon holding 100,000 attachments does not list them every minute."""
+        trusted = self._mirror is not None and self._known_generation is not None
+        if (
+            reason == "resync"
+            and trusted
+            and await self.backend.generation() == self._known_generation
+        ):
+            assert self._mirror is not None
+            return self._mirror
+        observation = await self.backend.observe()
+        self._known_generation = observation.generation
+        return observation.table
+
+    async def _sync(self, *, full: bool, reason: str, taken: _Taken) -> bool:
         """Plan, journal, apply. True when a full sync found the kernel differing from what
         masqd had last written (drift)."""
         drifted = False
         if full:
-            observation = await self.backend.observe()
-            observed = observation.table
-            if self._mirror is not None and not _same_table(observed, self._mirror):
-                drifted = True
-            self._known_generation = observation.generation
+            observed = await self._observe(reason)
+            if self._mirror is not None and observed is not self._mirror:
+                drifted = not _same_table(observed, self._mirror)
             mirror = observed
         else:
             assert self._mirror is not None
             mirror = self._mirror
+        # Taken after the last await before planning, so that the plan, the journal records
+        # written below and the version acknowledged afterwards describe the same changes.
+        taken.version = self.state.version
+        taken.dirty = dirty = self.state.take_dirty()
+        taken.pending = pending = self.journal.take_pending() if self.journal else []
         desired = TableState(self._structure, self.state.table_sets(self.policy))
         tx = plan.plan(
             desired, mirror, table=self.table, policy=self.policy, touched=None if full else dirty
@@ -380,6 +401,15 @@ class Reconciler:
                     self.table,
                 )
                 self.request_full("generation")
+
+
+@dataclass
+class _Taken:
+    """What one sync took from the desired state: given back if the sync fails."""
+
+    version: int
+    dirty: set[str]
+    pending: list[bytes]
 
 
 def _same_table(a: TableState, b: TableState) -> bool:

@@ -15,6 +15,7 @@ backend turns them into JSON and parses the kernel's listing into them.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from dataclasses import dataclass, field
@@ -238,12 +239,18 @@ class UnexpectedListing(ValueError):
     """The kernel listed something this module cannot read (a foreign element shape)."""
 
 
+@functools.lru_cache(maxsize=4096)
+def _network(text: str) -> str:
+    # Few distinct subnets recur across 100,000 elements: parse each once.
+    return str(ipaddress.ip_network(text))
+
+
 def _cidr(value: Any) -> str:
     """A listed address, prefix or range, as one CIDR (ranges that are not one CIDR raise)."""
     if isinstance(value, str):
-        return str(ipaddress.ip_network(value))
+        return _network(value)
     if isinstance(value, dict) and "prefix" in value:
-        return str(ipaddress.ip_network(f"{value['prefix']['addr']}/{value['prefix']['len']}"))
+        return _network(f"{value['prefix']['addr']}/{value['prefix']['len']}")
     if isinstance(value, dict) and "range" in value:
         lo, hi = (ipaddress.ip_address(v) for v in value["range"])
         nets = list(ipaddress.summarize_address_range(lo, hi))
