@@ -1,0 +1,442 @@
+"""An in-memory nftables for tests, with the kernel's semantics for what masqd does.
+
+`FakeBackend` implements `nft.Backend`. It runs the very nftables JSON that `KernelBackend`
+sends (`Transaction.to_json()`), so the encoding is exercised too, and lists its table back
+in the kernel's JSON shape through `ruleset.parse_table`, the parser masqd uses on the real
+listing. What it keeps faithful (each point checked against nftables 1.0.6 on a 6.x kernel,
+and by tests/test_nft_kernel.py, which runs the same scenarios on both):
+
+- a batch is all or nothing: any failing command leaves the table and the generation as
+  they were;
+- the generation moves by one per commit that changed something; a batch that changes
+  nothing (adding elements that are already there) commits nothing and leaves it alone;
+- deleting an element, set, chain or table that is not there fails with ENOENT
+  ("No such file or directory"); element commands on a missing table or set too;
+- adding an element that is there is a no-op, and keeps the element's old comment;
+- an interval set refuses an overlapping element: a `local` element for an address that is
+  there with another subnet fails with EEXIST ("File exists"); an overlapping `exempt` CIDR
+  fails in nft itself ("interval overlaps with an existing one"), as does deleting an
+  `exempt` CIDR that is not there ("element does not exist");
+- deleting a `local` element removes the address's element whatever subnet it carries (the
+  kernel matches the address's range, and an address lies in every subnet given for it);
+- `add table; delete table; add table` recreates whether the table existed or not.
+
+Tests also tamper with it (as a person with `nft` would), make the next applies fail, or
+slow them down, and compare `dump()`s: sorted text of the whole table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from masqd import ruleset
+from masqd.nft import Applied, NftError, Observation
+from masqd.plan import Transaction
+from masqd.ruleset import ALL_SETS, EXEMPT_SETS, LOCAL_SETS, Element, TableState
+
+ENOENT = "Error: Could not process rule: No such file or directory"
+EEXIST = "Error: Could not process rule: File exists"
+OVERLAP = "Error: interval overlaps with an existing one"
+NO_ELEMENT = "Error: element does not exist"
+FAILURE = "Error: Could not process rule: Operation not permitted"  # what fail_next raises
+
+
+@dataclass
+class _Set:
+    type: Any
+    flags: tuple[str, ...]
+    # masqd's sets hold parsed elements; a foreign set keeps its raw JSON values.
+    elements: dict[str, Element] = field(default_factory=dict)
+    raw: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class _Chain:
+    spec: dict[str, Any]  # type, hook, prio, policy (absent for a regular chain)
+    rules: list[Any] = field(default_factory=list)  # expression lists
+
+
+@dataclass
+class _Table:
+    sets: dict[str, _Set] = field(default_factory=dict)
+    chains: dict[str, _Chain] = field(default_factory=dict)
+
+    def copy(self) -> _Table:
+        return _Table(
+            {n: _Set(s.type, s.flags, dict(s.elements), list(s.raw)) for n, s in self.sets.items()},
+            {n: _Chain(dict(c.spec), list(c.rules)) for n, c in self.chains.items()},
+        )
+
+
+class FakeBackend:
+    """`nft.Backend` over an in-memory table named `table` (family inet)."""
+
+    def __init__(self, *, table: str = "masqd") -> None:
+        self.table = table
+        self._tables: dict[str, _Table] = {}
+        self._generation = 1  # a fresh namespace's ruleset starts at 1
+        self.apply_delay = 0.0  # seconds each apply takes, to let requests pile up
+        self.applied: list[Transaction] = []  # every transaction that committed
+        self.attempts = 0  # every call of apply, failed ones included
+        self.observes = 0
+        self.closed = False
+        self._failures: list[str] = []
+
+    # ---- Backend -------------------------------------------------------------------------
+
+    async def observe(self) -> Observation:
+        self._check_open()
+        self.observes += 1
+        await asyncio.sleep(0)
+        return Observation(ruleset.parse_table(self.table, self.listing()), self._generation)
+
+    async def apply(self, tx: Transaction) -> Applied:
+        self._check_open()
+        self.attempts += 1
+        await asyncio.sleep(self.apply_delay)
+        if self._failures:
+            raise NftError(self._failures.pop(0))
+        before = self._generation
+        self.run_json(tx.to_json())
+        self.applied.append(tx)
+        # As KernelBackend judges it: exclusive when exactly our commit moved the generation.
+        return Applied(self._generation, exclusive=self._generation == before + 1)
+
+    async def generation(self) -> int:
+        self._check_open()
+        return self._generation
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("FakeBackend used after close()")
+
+    # ---- failure injection ---------------------------------------------------------------
+
+    def fail_next(self, count: int = 1, message: str = FAILURE) -> None:
+        """Make the next `count` applies raise NftError(message), changing nothing."""
+        self._failures.extend([message] * count)
+
+    @property
+    def failures_pending(self) -> int:
+        return len(self._failures)
+
+    # ---- running nftables JSON (all or nothing) ------------------------------------------
+
+    def run_json(self, payload: dict[str, Any]) -> None:
+        """Run a JSON batch as the kernel would: every command, or none of them."""
+        work = {name: t.copy() for name, t in self._tables.items()}
+        changed = False
+        for cmd in payload["nftables"]:
+            if len(cmd) != 1:
+                raise NftError(f"Error: malformed command {cmd!r}")
+            ((verb, obj),) = cmd.items()
+            changed |= self._command(work, verb, obj)
+        if changed:
+            self._tables = work
+            self._generation += 1
+
+    def _command(self, work: dict[str, _Table], verb: str, obj: dict[str, Any]) -> bool:
+        """One command on the working copy; True when it changed something."""
+        if len(obj) != 1:
+            raise NftError(f"Error: malformed object {obj!r}")
+        ((kind, spec),) = obj.items()
+        if spec.get("family", "inet") != "inet":
+            raise NftError(f"Error: the fake knows only family inet, got {spec.get('family')!r}")
+        if kind == "table":
+            return self._table_cmd(work, verb, spec["name"])
+        name = spec.get("table")
+        table = work.get(name) if isinstance(name, str) else None
+        if table is None:
+            raise NftError(f"{ENOENT} ({verb} {kind} in missing table {name!r})")
+        handler = {
+            ("add", "set"): self._add_set,
+            ("add", "chain"): self._add_chain,
+            ("add", "rule"): self._add_rule,
+            ("flush", "chain"): self._flush_chain,
+            ("flush", "set"): self._flush_set,
+            ("delete", "set"): self._delete_set,
+            ("delete", "chain"): self._delete_chain,
+            ("add", "element"): self._add_elements,
+            ("delete", "element"): self._delete_elements,
+        }.get((verb, kind))
+        if handler is None:
+            raise NftError(f"Error: the fake does not implement {verb} {kind}")
+        return handler(table, spec)
+
+    def _table_cmd(self, work: dict[str, _Table], verb: str, name: str) -> bool:
+        if verb == "add":
+            if name in work:
+                return False
+            work[name] = _Table()
+            return True
+        if verb == "delete":
+            if name not in work:
+                raise NftError(f"{ENOENT} (delete table inet {name})")
+            del work[name]
+            return True
+        if verb == "flush":
+            if name not in work:
+                raise NftError(f"{ENOENT} (flush table inet {name})")
+            table = work[name]
+            changed = False
+            for s in table.sets.values():
+                changed |= bool(s.elements or s.raw)
+                s.elements.clear()
+                s.raw.clear()
+            for c in table.chains.values():
+                changed |= bool(c.rules)
+                c.rules.clear()
+            return changed
+        raise NftError(f"Error: the fake does not implement {verb} table")
+
+    @staticmethod
+    def _add_set(table: _Table, spec: dict[str, Any]) -> bool:
+        name = spec["name"]
+        flags = tuple(spec.get("flags", ()))
+        current = table.sets.get(name)
+        if current is not None:
+            if ruleset.canonical(current.type) != ruleset.canonical(spec["type"]) or (
+                current.flags != flags
+            ):
+                raise NftError(f"{EEXIST} (set {name} exists with another type)")
+            return False
+        table.sets[name] = _Set(spec["type"], flags)
+        for value in spec.get("elem", ()):
+            _add_element(name, table.sets[name], value)
+        return True
+
+    @staticmethod
+    def _add_chain(table: _Table, spec: dict[str, Any]) -> bool:
+        name = spec["name"]
+        if name in table.chains:
+            return False
+        table.chains[name] = _Chain(
+            {k: spec[k] for k in ("type", "hook", "prio", "policy") if k in spec}
+        )
+        return True
+
+    @staticmethod
+    def _add_rule(table: _Table, spec: dict[str, Any]) -> bool:
+        chain = table.chains.get(spec["chain"])
+        if chain is None:
+            raise NftError(f"{ENOENT} (add rule to missing chain {spec['chain']!r})")
+        chain.rules.append(json.loads(json.dumps(spec["expr"])))
+        return True
+
+    @staticmethod
+    def _flush_chain(table: _Table, spec: dict[str, Any]) -> bool:
+        chain = table.chains.get(spec["name"])
+        if chain is None:
+            raise NftError(f"{ENOENT} (flush missing chain {spec['name']!r})")
+        changed = bool(chain.rules)
+        chain.rules.clear()
+        return changed
+
+    @staticmethod
+    def _delete_chain(table: _Table, spec: dict[str, Any]) -> bool:
+        if table.chains.pop(spec["name"], None) is None:
+            raise NftError(f"{ENOENT} (delete missing chain {spec['name']!r})")
+        return True
+
+    @staticmethod
+    def _flush_set(table: _Table, spec: dict[str, Any]) -> bool:
+        s = table.sets.get(spec["name"])
+        if s is None:
+            raise NftError(f"{ENOENT} (flush missing set {spec['name']!r})")
+        changed = bool(s.elements or s.raw)
+        s.elements.clear()
+        s.raw.clear()
+        return changed
+
+    @staticmethod
+    def _delete_set(table: _Table, spec: dict[str, Any]) -> bool:
+        if table.sets.pop(spec["name"], None) is None:
+            raise NftError(f"{ENOENT} (delete missing set {spec['name']!r})")
+        return True
+
+    @staticmethod
+    def _add_elements(table: _Table, spec: dict[str, Any]) -> bool:
+        s = table.sets.get(spec["name"])
+        if s is None:
+            raise NftError(f"{ENOENT} (add element to missing set {spec['name']!r})")
+        changed = False
+        for value in spec["elem"]:
+            changed |= _add_element(spec["name"], s, value)
+        return changed
+
+    @staticmethod
+    def _delete_elements(table: _Table, spec: dict[str, Any]) -> bool:
+        s = table.sets.get(spec["name"])
+        if s is None:
+            raise NftError(f"{ENOENT} (delete element from missing set {spec['name']!r})")
+        for value in spec["elem"]:
+            _delete_element(spec["name"], s, value)
+        return True
+
+    # ---- listing -------------------------------------------------------------------------
+
+    def listing(self) -> list[dict[str, Any]]:
+        """The table in the shape `nft -j list table inet <table>` gives (no metainfo)."""
+        table = self._tables.get(self.table)
+        if table is None:
+            return []
+        out: list[dict[str, Any]] = [{"table": {"family": "inet", "name": self.table}}]
+        for name, s in table.sets.items():
+            spec: dict[str, Any] = {
+                "family": "inet",
+                "name": name,
+                "table": self.table,
+                "type": s.type,
+            }
+            if s.flags:
+                spec["flags"] = list(s.flags)
+            elems = (
+                [ruleset.element_json(name, e) for e in s.elements.values()]
+                if name in ALL_SETS
+                else list(s.raw)
+            )
+            if elems:
+                spec["elem"] = elems
+            out.append({"set": spec})
+        for name, c in table.chains.items():
+            out.append({"chain": {"family": "inet", "table": self.table, "name": name, **c.spec}})
+            for expr in c.rules:
+                out.append(
+                    {"rule": {"family": "inet", "table": self.table, "chain": name, "expr": expr}}
+                )
+        return out
+
+    def state(self) -> TableState:
+        return ruleset.parse_table(self.table, self.listing())
+
+    def dump(self) -> str:
+        return dump_table(self.state())
+
+    # ---- tampering: what a person with `nft` might do ------------------------------------
+
+    def _tamper(self, *commands: dict[str, Any]) -> None:
+        self.run_json({"nftables": list(commands)})
+
+    def _elem_cmd(self, verb: str, set_name: str, elem: Element) -> dict[str, Any]:
+        return {
+            verb: {
+                "element": {
+                    "family": "inet",
+                    "table": self.table,
+                    "name": set_name,
+                    "elem": [ruleset.element_json(set_name, elem, with_comment=verb == "add")],
+                }
+            }
+        }
+
+    def delete_element(self, set_name: str, key: str) -> None:
+        """`nft delete element inet <table> <set> { key }`: the element stored under `key`."""
+        table = self._tables.get(self.table)
+        elem = table.sets[set_name].elements.get(key) if table and set_name in table.sets else None
+        self._tamper(self._elem_cmd("delete", set_name, elem or Element(key, key)))
+
+    def add_element(self, set_name: str, elem: Element) -> None:
+        self._tamper(self._elem_cmd("add", set_name, elem))
+
+    def flush_set(self, set_name: str) -> None:
+        self._tamper({"flush": {"set": {"family": "inet", "table": self.table, "name": set_name}}})
+
+    def flush_chain(self, chain: str = ruleset.CHAIN) -> None:
+        self._tamper({"flush": {"chain": {"family": "inet", "table": self.table, "name": chain}}})
+
+    def drop_table(self) -> None:
+        self._tamper({"delete": {"table": ruleset.table_ref(self.table)}})
+
+    def delete_set(self, set_name: str) -> None:
+        self._tamper({"delete": {"set": {"family": "inet", "table": self.table, "name": set_name}}})
+
+    def add_rule(self, expr: list[Any] | None = None, chain: str = ruleset.CHAIN) -> None:
+        """A foreign rule appended to `chain` (by default an `accept` in masqd's own chain)."""
+        rule = {
+            "family": "inet",
+            "table": self.table,
+            "chain": chain,
+            "expr": expr if expr is not None else [{"accept": None}],
+        }
+        self._tamper({"add": {"rule": rule}})
+
+    def add_chain(self, name: str) -> None:
+        self._tamper({"add": {"chain": {"family": "inet", "table": self.table, "name": name}}})
+
+
+# ---- element semantics --------------------------------------------------------------------
+
+
+def _add_element(set_name: str, s: _Set, value: Any) -> bool:
+    if set_name not in ALL_SETS:
+        if value in s.raw:
+            return False
+        s.raw.append(value)
+        return True
+    changed = False
+    for key, elem in ruleset.parse_elements(set_name, [value]).items():
+        have = s.elements.get(key)
+        if set_name in LOCAL_SETS:
+            if have is not None:
+                if have.subnet != elem.subnet:
+                    # The two (address . subnet) ranges nest: the interval set refuses it.
+                    raise NftError(f"{EEXIST} ({set_name} {key} . {elem.subnet})")
+                continue
+        elif set_name in EXEMPT_SETS:
+            if have is not None:
+                continue
+            net = ipaddress.ip_network(key)
+            for other in s.elements:
+                if ipaddress.ip_network(other).overlaps(net):
+                    raise NftError(f"{OVERLAP} ({set_name} {key} overlaps {other})")
+        elif have is not None:
+            continue
+        s.elements[key] = elem
+        changed = True
+    return changed
+
+
+def _delete_element(set_name: str, s: _Set, value: Any) -> None:
+    if set_name not in ALL_SETS:
+        if value not in s.raw:
+            raise NftError(f"{ENOENT} (delete {value!r} from {set_name})")
+        s.raw.remove(value)
+        return
+    for key in ruleset.parse_elements(set_name, [value]):
+        if key not in s.elements:
+            missing = NO_ELEMENT if set_name in EXEMPT_SETS else ENOENT
+            raise NftError(f"{missing} (delete {key} from {set_name})")
+        del s.elements[key]
+
+
+# ---- dumps ----------------------------------------------------------------------------------
+
+
+def dump_table(state: TableState) -> str:
+    """A table as sorted text, one object per line, for comparisons in tests.
+
+    Works on any TableState, so a kernel observation and the fake dump the same way.
+    """
+    if state.structure is None:
+        return "(no table)"
+    lines: list[str] = []
+    for name, kind, flags in sorted(state.structure.sets):
+        lines.append(f"set {name} type {kind} flags {','.join(flags) or '-'}")
+    for chain in sorted(state.structure.chains, key=repr):
+        lines.append("chain " + " ".join(str(part) for part in chain))
+    # Rule order matters in a chain: keep it, numbered.
+    for index, rule in enumerate(state.structure.rules):
+        lines.append(f"rule {index:03d} {rule}")
+    for set_name in sorted(state.sets):
+        for elem in state.sets[set_name].values():
+            subnet = f" . {elem.subnet}" if elem.subnet else ""
+            comment = f' comment "{elem.comment}"' if elem.comment else ""
+            lines.append(f"element {set_name} {elem.key}{subnet}{comment}")
+    return "\n".join(sorted(lines))

@@ -1,0 +1,90 @@
+"""Shared fixtures: fresh namespaces, the real daemon in one, the fake nftables backend.
+
+Kernel tests (marker `kernel`) need root and nftables; they are skipped, with the reason,
+where those are missing. When a test that ran a daemon fails, the daemon's log tail is added
+to the report, since that is usually where the reason is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from masqd.nft_fake import FakeBackend
+from tests.daemon import MasqdProcess, running_masqd
+from tests.netns import netns
+
+_DAEMONS = pytest.StashKey[list[MasqdProcess]]()
+
+
+def _kernel_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, nftables)"
+    for tool in ("nft", "ip"):
+        if shutil.which(tool) is None:
+            return f"needs the {tool!r} command"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _kernel_unavailable()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "kernel" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call" and report.failed:
+        for daemon in item.stash.get(_DAEMONS, []):
+            report.sections.append((f"masqd log ({daemon.ns})", daemon.log_tail(80)))
+    return report
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    """A fresh network namespace (loopback up), deleted after the test."""
+    with netns("t") as name:
+        yield name
+
+
+DaemonFactory = Callable[..., MasqdProcess]
+
+
+@pytest.fixture
+def daemon_factory(request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
+    """Start masqd: `daemon_factory(ns=None, start=True, table=..., resync_interval=...,
+    log_level=..., extra_args=...)`. Without `ns` each daemon gets a namespace of its own.
+    Every daemon is killed and its files removed after the test."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        started: list[MasqdProcess] = []
+        request.node.stash[_DAEMONS] = started
+
+        def factory(**kwargs: Any) -> MasqdProcess:
+            daemon = stack.enter_context(running_masqd(**kwargs))
+            started.append(daemon)
+            return daemon
+
+        yield factory
+
+
+@pytest.fixture
+def daemon(daemon_factory: DaemonFactory) -> MasqdProcess:
+    """A ready masqd in a namespace of its own (table `masqd`, default flags)."""
+    return daemon_factory()
+
+
+@pytest.fixture
+def fake_backend() -> FakeBackend:
+    """An in-memory nftables with kernel semantics, table `masqd`."""
+    return FakeBackend(table="masqd")
