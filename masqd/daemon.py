@@ -28,11 +28,11 @@ from typing import Any
 
 from aiohttp import web
 
-from masqd import __version__, spool
+from masqd import __version__, plan, spool
 from masqd.activation import listen_fds, unix_listener
 from masqd.api import AccessPolicy, ApiContext, build_app
 from masqd.config import DaemonConfig, log_level, parse_args
-from masqd.journal import Journal
+from masqd.journal import Entry, Journal
 from masqd.metrics import Metrics
 from masqd.models import AttachmentKey, key_problem
 from masqd.nft import Backend, KernelBackend
@@ -79,7 +79,13 @@ class Daemon:
 
     def load_journal(self) -> None:
         loaded = self.journal.load()
-        for entry in loaded.entries:
+        markers = [i for i, e in enumerate(loaded.entries) if e.op == "synced"]
+        last_marker = markers[-1] if markers else None
+        for index, entry in enumerate(loaded.entries):
+            if entry.op == "synced":
+                if index == last_marker:
+                    self._seed_from_marker(entry)
+                continue
             problem = key_problem(*entry.key)
             if problem is not None:
                 loaded.problems.append(f"journal record for {entry.key}: {problem}; skipped")
@@ -100,6 +106,16 @@ class Daemon:
             len(self.state),
             "" if loaded.found else " (no journal found: starting empty)",
         )
+
+    def _seed_from_marker(self, marker: Entry) -> None:
+        """Everything replayed so far was in the kernel at the marker's generation: hand that
+        picture to the reconciler, which trusts it only if the generation has not moved."""
+        if marker.fingerprint != plan.policy_fingerprint(self.reconciler.policy):
+            return  # the policy changed since: the kernel's structure differs, list it
+        assert marker.generation is not None
+        elements = {name: dict(elems) for name, elems in self.state.elements.items()}
+        self.reconciler.seed(self.reconciler.baseline(elements), marker.generation)
+        self.state.take_dirty()
 
     def apply_spool(self) -> list[str]:
         """Apply spooled DELs to the desired state; the spool files to remove once applied."""

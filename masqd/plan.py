@@ -13,6 +13,7 @@ cheapest that reaches the desired table:
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
@@ -113,6 +114,21 @@ def desired_table(
             table.sets[set_name][address] = elem
     table.sets.update(exempt_elements(policy))
     return table
+
+
+def policy_fingerprint(policy: Policy) -> str:
+    """Names everything but the attachments' elements: the structure and the exempt sets."""
+    structure = ruleset.desired_structure(policy)
+    exempt = exempt_elements(policy)
+    text = repr(
+        (
+            sorted(structure.sets),
+            sorted(structure.chains),
+            structure.rules,
+            {name: sorted(elems) for name, elems in sorted(exempt.items())},
+        )
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ---- desired vs observed -> transaction -------------------------------------------------

@@ -85,6 +85,7 @@ class Reconciler:
         self.stats = SyncStats()
         self.policy = policy
         self._structure = ruleset.desired_structure(policy)
+        self._fingerprint = plan.policy_fingerprint(policy)
         self._mirror: TableState | None = None  # what the kernel holds, as far as we know
         self._known_generation: int | None = None
         self._wake = asyncio.Event()
@@ -114,6 +115,20 @@ class Reconciler:
     def mirror(self) -> TableState | None:
         return self._mirror
 
+    def seed(self, mirror: TableState, generation: int) -> None:
+        """Start from a picture of the kernel taken before a restart (see `journal.Entry`).
+
+        The first sync still checks the ruleset generation, and lists the table if it moved.
+        """
+        self._mirror = mirror
+        self._known_generation = generation
+
+    def baseline(self, elements: dict[str, dict[str, ruleset.Element]]) -> TableState:
+        """The table the current policy gives with these attachment elements."""
+        sets = dict(elements)
+        sets.update(plan.exempt_elements(self.policy))
+        return TableState(self._structure, sets)
+
     def sync_age(self) -> float:
         """Seconds the sync in flight has been running; 0 when none is."""
         if self._sync_started is None:
@@ -133,6 +148,7 @@ class Reconciler:
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
         self._structure = ruleset.desired_structure(policy)
+        self._fingerprint = plan.policy_fingerprint(policy)
         self.request_full("policy")
 
     async def wait_applied(self, version: int, timeout: float) -> None:  # noqa: ASYNC109
@@ -266,7 +282,7 @@ class Reconciler:
         an idle daemon holding 100,000 attachments does not list them every minute."""
         trusted = self._mirror is not None and self._known_generation is not None
         if (
-            reason == "resync"
+            reason in ("resync", "startup")
             and trusted
             and await self.backend.generation() == self._known_generation
         ):
@@ -309,13 +325,29 @@ class Reconciler:
                 self.request_full("concurrent change")
         self._mirror = mirror
         self.stats.last_tx_elements = tx.element_changes
-        if self.journal is not None and self.journal.needs_compaction(len(self.state)):
+        if self.journal is not None:
+            await self._journal_housekeeping(self.journal, taken)
+        return drifted
+
+    async def _journal_housekeeping(self, journal: Journal, taken: _Taken) -> None:
+        """Compact the journal when it has grown, and mark what the kernel now holds.
+
+        The marker is true when every record in the files is in the kernel: records of changes
+        made since this sync planned are still in memory, so it holds, unless a snapshot was
+        just written from a state that includes them. Compaction therefore waits for a quiet
+        moment (state unchanged since planning) unless the journal is far past its limit.
+        """
+        marker_true = not self._full_needed and self._known_generation is not None
+        quiet = self.state.version == taken.version
+        if journal.needs_compaction(len(self.state), overdue=not quiet):
             records = [
                 (k, tuple(f"{a}/{s.split('/')[1]}" for a, s in r.ips))
                 for k, r in self.state.items()
             ]
-            await asyncio.to_thread(self.journal.compact, records)
-        return drifted
+            marker_true = marker_true and quiet
+            await asyncio.to_thread(journal.compact, records)
+        if marker_true and self._known_generation is not None:
+            journal.write_marker(self._known_generation, self._fingerprint)
 
     def _on_success(self, version: int) -> None:
         s = self.stats
