@@ -150,7 +150,7 @@ async def test_watchdog_loop_pings_at_half_interval_only_while_healthy(notify_pa
             await asyncio.sleep(0.325)  # pings at 0, 50, ..., 300 ms
             pings = drain(sock)
             assert set(pings) == {"WATCHDOG=1"}
-            assert 5 <= len(pings) <= 8
+            assert 4 <= len(pings) <= 8  # 7 on time; fewer if the machine is busy
 
             healthy = False
             await asyncio.sleep(0.2)
