@@ -8,17 +8,19 @@ and by tests/test_nft_kernel.py, which runs the same scenarios on both):
 
 - a batch is all or nothing: any failing command leaves the table and the generation as
   they were;
-- the generation moves by one per commit that changed something; a batch that changes
-  nothing (adding elements that are already there) commits nothing and leaves it alone;
+- the generation moves by one per commit that queued anything in the kernel; a batch of
+  no-ops (re-adding elements or the table) leaves it alone, while re-adding an existing set
+  or chain moves it although nothing changes;
 - deleting an element, set, chain or table that is not there fails with ENOENT
   ("No such file or directory"); element commands on a missing table or set too;
 - adding an element that is there is a no-op, and keeps the element's old comment;
-- an interval set refuses an overlapping element: a `local` element for an address that is
-  there with another subnet fails with EEXIST ("File exists"); an overlapping `exempt` CIDR
-  fails in nft itself ("interval overlaps with an existing one"), as does deleting an
-  `exempt` CIDR that is not there ("element does not exist");
-- deleting a `local` element removes the address's element whatever subnet it carries (the
-  kernel matches the address's range, and an address lies in every subnet given for it);
+- the `local` sets are the kernel's concatenated interval sets: a second subnet for an
+  address fails with EEXIST ("File exists") when its first or last address lies in the
+  subnet already held (a subnet that encloses the held one is accepted: two elements), and a
+  delete removes the element that holds the first point of the one named (so a subnet of
+  the held one deletes it too); an overlapping `exempt` CIDR fails in nft itself ("interval
+  overlaps with an existing one"), as does deleting one that is not there exactly ("element
+  does not exist"). See "element semantics" below;
 - `add table; delete table; add table` recreates whether the table existed or not.
 
 Tests also tamper with it (as a person with `nft` would), make the next applies fail, or
@@ -49,8 +51,9 @@ FAILURE = "Error: Could not process rule: Operation not permitted"  # what fail_
 class _Set:
     type: Any
     flags: tuple[str, ...]
-    # masqd's sets hold parsed elements; a foreign set keeps its raw JSON values.
-    elements: dict[str, Element] = field(default_factory=dict)
+    # masqd's sets hold parsed elements, in insertion order (an interval set may hold two
+    # for one address); a foreign set keeps its raw JSON values.
+    elements: list[Element] = field(default_factory=list)
     raw: list[Any] = field(default_factory=list)
 
 
@@ -67,7 +70,7 @@ class _Table:
 
     def copy(self) -> _Table:
         return _Table(
-            {n: _Set(s.type, s.flags, dict(s.elements), list(s.raw)) for n, s in self.sets.items()},
+            {n: _Set(s.type, s.flags, list(s.elements), list(s.raw)) for n, s in self.sets.items()},
             {n: _Chain(dict(c.spec), list(c.rules)) for n, c in self.chains.items()},
         )
 
@@ -143,7 +146,9 @@ class FakeBackend:
             self._generation += 1
 
     def _command(self, work: dict[str, _Table], verb: str, obj: dict[str, Any]) -> bool:
-        """One command on the working copy; True when it changed something."""
+        """One command on the working copy; True when the kernel would queue a transaction
+        for it (which moves the generation at commit), as it does for most changes, but
+        also for re-adding a set or chain that is there, and not for re-adding elements."""
         if len(obj) != 1:
             raise NftError(f"Error: malformed object {obj!r}")
         ((kind, spec),) = obj.items()
@@ -206,7 +211,7 @@ class FakeBackend:
                 current.flags != flags
             ):
                 raise NftError(f"{EEXIST} (set {name} exists with another type)")
-            return False
+            return True  # the kernel queues a set update all the same
         table.sets[name] = _Set(spec["type"], flags)
         for value in spec.get("elem", ()):
             _add_element(name, table.sets[name], value)
@@ -216,7 +221,7 @@ class FakeBackend:
     def _add_chain(table: _Table, spec: dict[str, Any]) -> bool:
         name = spec["name"]
         if name in table.chains:
-            return False
+            return True  # the kernel queues a chain update all the same
         table.chains[name] = _Chain(
             {k: spec[k] for k in ("type", "hook", "prio", "policy") if k in spec}
         )
@@ -298,7 +303,7 @@ class FakeBackend:
             if s.flags:
                 spec["flags"] = list(s.flags)
             elems = (
-                [ruleset.element_json(name, e) for e in s.elements.values()]
+                [ruleset.element_json(name, e) for e in s.elements]
                 if name in ALL_SETS
                 else list(s.raw)
             )
@@ -339,7 +344,8 @@ class FakeBackend:
     def delete_element(self, set_name: str, key: str) -> None:
         """`nft delete element inet <table> <set> { key }`: the element stored under `key`."""
         table = self._tables.get(self.table)
-        elem = table.sets[set_name].elements.get(key) if table and set_name in table.sets else None
+        held = table.sets[set_name].elements if table and set_name in table.sets else []
+        elem = next((e for e in held if e.key == key), None)
         self._tamper(self._elem_cmd("delete", set_name, elem or Element(key, key)))
 
     def add_element(self, set_name: str, elem: Element) -> None:
@@ -372,6 +378,30 @@ class FakeBackend:
 
 
 # ---- element semantics --------------------------------------------------------------------
+#
+# sources: a hash set; an element is its address.
+# local: the kernel's concatenated interval set (pipapo). An element (address . subnet) is the
+#   range address . first..last of the subnet. Adding fails with EEXIST when the new range's
+#   first or last point lies in a range held for that address (unless it is that very range:
+#   then nothing happens); a new range that encloses an old one is accepted. Deleting removes
+#   the range that holds the first point of the given one, or fails with ENOENT.
+# exempt: an interval set that nft 1.0.6 itself keeps free of overlaps, and whose deletes
+#   must name an interval exactly.
+
+
+def _span(elem: Element) -> tuple[int, int]:
+    assert elem.subnet is not None
+    net = ipaddress.ip_network(elem.subnet)
+    return int(net.network_address), int(net.broadcast_address)
+
+
+def _local_holding(s: _Set, address: str, point: int) -> int | None:
+    for index, held in enumerate(s.elements):
+        if held.key == address:
+            first, last = _span(held)
+            if first <= point <= last:
+                return index
+    return None
 
 
 def _add_element(set_name: str, s: _Set, value: Any) -> bool:
@@ -382,23 +412,23 @@ def _add_element(set_name: str, s: _Set, value: Any) -> bool:
         return True
     changed = False
     for key, elem in ruleset.parse_elements(set_name, [value]).items():
-        have = s.elements.get(key)
         if set_name in LOCAL_SETS:
-            if have is not None:
-                if have.subnet != elem.subnet:
-                    # The two (address . subnet) ranges nest: the interval set refuses it.
-                    raise NftError(f"{EEXIST} ({set_name} {key} . {elem.subnet})")
+            first, last = _span(elem)
+            at_first = _local_holding(s, key, first)
+            if at_first is not None and _span(s.elements[at_first]) == (first, last):
                 continue
+            if at_first is not None or _local_holding(s, key, last) is not None:
+                raise NftError(f"{EEXIST} ({set_name} {key} . {elem.subnet})")
         elif set_name in EXEMPT_SETS:
-            if have is not None:
-                continue
             net = ipaddress.ip_network(key)
-            for other in s.elements:
-                if ipaddress.ip_network(other).overlaps(net):
-                    raise NftError(f"{OVERLAP} ({set_name} {key} overlaps {other})")
-        elif have is not None:
+            if any(held.key == key for held in s.elements):
+                continue
+            for held in s.elements:
+                if ipaddress.ip_network(held.key).overlaps(net):
+                    raise NftError(f"{OVERLAP} ({set_name} {key} overlaps {held.key})")
+        elif any(held.key == key for held in s.elements):
             continue
-        s.elements[key] = elem
+        s.elements.append(elem)
         changed = True
     return changed
 
@@ -409,11 +439,15 @@ def _delete_element(set_name: str, s: _Set, value: Any) -> None:
             raise NftError(f"{ENOENT} (delete {value!r} from {set_name})")
         s.raw.remove(value)
         return
-    for key in ruleset.parse_elements(set_name, [value]):
-        if key not in s.elements:
+    for key, elem in ruleset.parse_elements(set_name, [value]).items():
+        if set_name in LOCAL_SETS:
+            index = _local_holding(s, key, _span(elem)[0])
+        else:
+            index = next((i for i, held in enumerate(s.elements) if held.key == key), None)
+        if index is None:
             missing = NO_ELEMENT if set_name in EXEMPT_SETS else ENOENT
             raise NftError(f"{missing} (delete {key} from {set_name})")
-        del s.elements[key]
+        del s.elements[index]
 
 
 # ---- dumps ----------------------------------------------------------------------------------

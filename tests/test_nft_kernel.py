@@ -1,0 +1,465 @@
+"""The nftables backend on the real kernel, and the fake held to the kernel's semantics.
+
+Every test here runs in a throwaway network namespace. The parity tests run one scenario on
+the fake and on the kernel (through libnftables and through the `nft` binary) and expect the
+same table, the same errors and the same generation moves; the lock-step test drives both
+through one random sequence and compares after every step. The layout tests read the kernel's
+own listing (`nft -j list table`), not masqd's parser.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from masqd import plan, ruleset
+from masqd.nft import Backend, KernelBackend, NftError
+from masqd.nft_fake import FakeBackend, dump_table
+from masqd.plan import Transaction
+from masqd.ruleset import LOCAL4, SOURCES4, SOURCES6, Element, Policy, TableState
+from masqd.state import DesiredState
+from tests.daemon import kernel_table, nft_listing
+from tests.netns import netns, nft
+
+pytestmark = pytest.mark.kernel
+
+TABLE = "masqd"
+POLICY = Policy()
+EXEMPT_POLICY = Policy(exempt4=("198.19.0.0/16",), exempt6=("2001:db8:ff::/48",))
+
+
+# ---- one interface over the fake and the kernel -----------------------------------------
+
+
+@dataclass
+class Harness:
+    """A backend plus what a test does beside masqd: run raw nft JSON, dump the table."""
+
+    kind: str
+    backend: Backend
+    ns: str | None = None
+
+    def run(self, commands: list[dict[str, Any]]) -> None:
+        """A batch as a person would send it with `nft -j -f -`; NftError when refused."""
+        payload = {"nftables": commands}
+        if isinstance(self.backend, FakeBackend):
+            self.backend.run_json(payload)
+            return
+        assert self.ns is not None
+        proc = nft(self.ns, "-j", "-f", "-", input=json.dumps(payload), check=False)
+        if proc.returncode != 0:
+            raise NftError(proc.stderr.strip())
+
+    def state(self) -> TableState:
+        if isinstance(self.backend, FakeBackend):
+            return self.backend.state()
+        assert self.ns is not None
+        return kernel_table(self.ns, TABLE)
+
+    def dump(self) -> str:
+        return dump_table(self.state())
+
+
+@pytest.fixture(params=["fake", "kernel-lib", "kernel-cli"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    kind: str = request.param
+    if kind == "fake":
+        yield Harness(kind, FakeBackend(table=TABLE))
+        return
+    with netns("nk") as name:
+        runner = kind.removeprefix("kernel-")
+        backend = KernelBackend(table=TABLE, runner=runner, netns=f"/var/run/netns/{name}")
+        try:
+            yield Harness(kind, backend, name)
+        finally:
+            await backend.close()
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Harness, Harness]]:
+    """The fake and the kernel side by side."""
+    with netns("np") as name:
+        backend = KernelBackend(table=TABLE, netns=f"/var/run/netns/{name}")
+        try:
+            yield Harness("fake", FakeBackend(table=TABLE)), Harness("kernel", backend, name)
+        finally:
+            await backend.close()
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def desired(state: DesiredState, policy: Policy = POLICY) -> TableState:
+    return TableState(ruleset.desired_structure(policy), state.table_sets(policy))
+
+
+def two_attachments() -> DesiredState:
+    state = DesiredState()
+    state.put(("net1", "a", "eth0"), ["198.18.1.2/24", "2001:db8:1::2/64"])
+    state.put(("net1", "b", "eth0"), ["198.18.1.3/24"])
+    state.take_dirty()
+    return state
+
+
+async def sync(h: Harness, state: DesiredState, policy: Policy = POLICY) -> Transaction:
+    """A full sync: observe, plan, apply; returns the transaction."""
+    observed = (await h.backend.observe()).table
+    tx = plan.plan(desired(state, policy), observed, table=TABLE, policy=policy)
+    if not tx.empty:
+        await h.backend.apply(tx)
+    return tx
+
+
+async def partial(h: Harness, state: DesiredState, mirror: TableState) -> Transaction:
+    """A partial sync against `mirror` (updated in place), as the reconciler does it."""
+    tx = plan.plan(desired(state), mirror, table=TABLE, policy=POLICY, touched=state.take_dirty())
+    if not tx.empty:
+        await h.backend.apply(tx)
+        plan.apply_in_place(tx, mirror, desired_structure=ruleset.desired_structure(POLICY))
+    return tx
+
+
+def elem_cmd(verb: str, set_name: str, elem: Element) -> dict[str, Any]:
+    value = ruleset.element_json(set_name, elem, with_comment=False)
+    return {
+        verb: {"element": {"family": "inet", "table": TABLE, "name": set_name, "elem": [value]}}
+    }
+
+
+# ---- parity scenarios -------------------------------------------------------------------
+
+
+async def test_fresh_namespace_has_no_table_and_a_full_sync_creates_it(harness: Harness) -> None:
+    first = await harness.backend.observe()
+    assert first.table.structure is None
+    assert harness.dump() == "(no table)"
+    state = two_attachments()
+    tx = await sync(harness, state)
+    assert tx.recreate
+    assert harness.dump() == dump_table(desired(state))
+    after = await harness.backend.observe()
+    assert after.generation == first.generation + 1
+    assert plan.plan(desired(state), after.table, table=TABLE, policy=POLICY).empty
+
+
+async def test_setup_adds_its_elements_and_teardown_removes_them(harness: Harness) -> None:
+    state = two_attachments()
+    await sync(harness, state)
+    mirror = (await harness.backend.observe()).table
+    state.put(("net2", "c", "eth1"), ["198.18.2.2/24", "2001:db8:2::2/64"])
+    tx = await partial(harness, state, mirror)
+    assert not tx.recreate and not tx.rewrite_rules and not tx.delete
+    assert tx.element_changes == 4
+    assert harness.dump() == dump_table(desired(state)) == dump_table(mirror)
+    state.delete(("net2", "c", "eth1"))
+    tx = await partial(harness, state, mirror)
+    assert not tx.add and tx.element_changes == 4
+    assert harness.dump() == dump_table(desired(state)) == dump_table(mirror)
+
+
+async def test_resetup_with_another_subnet_replaces_the_local_element(harness: Harness) -> None:
+    state = two_attachments()
+    await sync(harness, state)
+    mirror = (await harness.backend.observe()).table
+    state.put(("net1", "b", "eth0"), ["198.18.1.3/16"])
+    await partial(harness, state, mirror)
+    assert harness.state().sets[LOCAL4]["198.18.1.3"].subnet == "198.18.0.0/16"
+    assert harness.dump() == dump_table(desired(state))
+
+
+TAMPERS: dict[str, list[dict[str, Any]]] = {
+    "delete element": [
+        elem_cmd("delete", SOURCES4, Element("198.18.1.2")),
+        elem_cmd("delete", LOCAL4, Element("198.18.1.3", "198.18.1.0/24")),
+    ],
+    "add foreign element": [elem_cmd("add", SOURCES6, Element("2001:db8:9::9"))],
+    "flush set": [{"flush": {"set": {"family": "inet", "table": TABLE, "name": SOURCES6}}}],
+    "flush chain": [
+        {"flush": {"chain": {"family": "inet", "table": TABLE, "name": ruleset.CHAIN}}}
+    ],
+    "add rule": [
+        {
+            "add": {
+                "rule": {
+                    "family": "inet",
+                    "table": TABLE,
+                    "chain": ruleset.CHAIN,
+                    "expr": [{"accept": None}],
+                }
+            }
+        }
+    ],
+    "add chain": [{"add": {"chain": {"family": "inet", "table": TABLE, "name": "foreign"}}}],
+    "add set": [
+        {"add": {"set": {"family": "inet", "table": TABLE, "name": "foreign", "type": "ipv4_addr"}}}
+    ],
+    "delete table": [{"delete": {"table": ruleset.table_ref(TABLE)}}],
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+async def test_a_full_sync_repairs_tampering(harness: Harness, tamper: str) -> None:
+    state = two_attachments()
+    await sync(harness, state)
+    good = harness.dump()
+    harness.run(TAMPERS[tamper])
+    assert harness.dump() != good
+    tx = await sync(harness, state)
+    assert not tx.empty
+    # Damage to sets or chains takes a new table; damage to rules or elements does not.
+    assert tx.recreate == (tamper in ("add chain", "add set", "delete table"))
+    assert harness.dump() == good
+    assert (await sync(harness, state)).empty
+
+
+async def test_a_stale_delete_fails_with_enoent_and_changes_nothing(harness: Harness) -> None:
+    state = two_attachments()
+    await sync(harness, state)
+    mirror = (await harness.backend.observe()).table
+    harness.run([elem_cmd("delete", SOURCES4, Element("198.18.1.3"))])  # behind masqd's back
+    before = harness.dump()
+    generation = await harness.backend.generation()
+    state.delete(("net1", "b", "eth0"))
+    state.put(("net1", "c", "eth0"), ["198.18.1.4/24"])  # an add in the same batch
+    with pytest.raises(NftError) as raised:
+        await partial(harness, state, mirror)
+    assert raised.value.kind == "enoent"
+    assert harness.dump() == before  # the add did not happen either
+    assert await harness.backend.generation() == generation
+    # The reconciler's answer: a full sync.
+    await sync(harness, state)
+    assert harness.dump() == dump_table(desired(state))
+
+
+@pytest.mark.parametrize("subnet", ["198.18.1.0/25", "198.18.0.0/23", "198.18.1.0/28"])
+async def test_an_overlapping_subnet_for_an_address_fails_with_eexist(
+    harness: Harness, subnet: str
+) -> None:
+    state = two_attachments()
+    await sync(harness, state)
+    before = harness.dump()
+    tx = Transaction(
+        TABLE,
+        POLICY,
+        add={SOURCES4: (Element("198.18.1.9"),), LOCAL4: (Element("198.18.1.2", subnet),)},
+    )
+    with pytest.raises(NftError) as raised:
+        await harness.backend.apply(tx)
+    assert raised.value.kind == "eexist"
+    assert harness.dump() == before
+
+
+def local_elements(h: Harness) -> list[Any]:
+    """The raw local4 elements as listed (two for one address are not merged here)."""
+    if isinstance(h.backend, FakeBackend):
+        listing = h.backend.listing()
+    else:
+        assert h.ns is not None
+        listing = nft_listing(h.ns, TABLE)
+    (spec,) = [o["set"] for o in listing if o.get("set", {}).get("name") == LOCAL4]
+    return sorted(spec.get("elem", []), key=repr)
+
+
+async def test_an_enclosing_subnet_is_a_second_element_and_a_full_sync_removes_it(
+    harness: Harness,
+) -> None:
+    """The kernel's interval set takes 198.18.1.2 . 198.18.0.0/16 beside 198.18.1.0/24: it
+    checks only the new range's ends. The full sync must still leave one element."""
+    state = two_attachments()
+    await sync(harness, state)
+    before = local_elements(harness)
+    harness.run([elem_cmd("add", LOCAL4, Element("198.18.1.2", "198.18.0.0/16"))])
+    assert len(local_elements(harness)) == len(before) + 1
+    await sync(harness, state)
+    assert local_elements(harness) == before
+
+
+async def test_element_ops_on_a_missing_table_fail_with_enoent(harness: Harness) -> None:
+    tx = Transaction(TABLE, POLICY, add={SOURCES4: (Element("198.18.1.9"),)})
+    with pytest.raises(NftError) as raised:
+        await harness.backend.apply(tx)
+    assert raised.value.kind == "enoent"
+    assert harness.dump() == "(no table)"
+
+
+async def test_adding_what_is_there_commits_nothing(harness: Harness) -> None:
+    state = two_attachments()
+    await sync(harness, state)
+    generation = await harness.backend.generation()
+    before = harness.dump()
+    existing = harness.state().sets[SOURCES4]["198.18.1.2"]
+    again = Transaction(TABLE, POLICY, add={SOURCES4: (Element(existing.key, None, "x/y/z"),)})
+    applied = await harness.backend.apply(again)
+    assert applied.generation == generation and not applied.exclusive
+    assert harness.dump() == before  # the old comment stays
+
+
+async def test_recreate_replaces_a_table_with_content(harness: Harness) -> None:
+    state = two_attachments()
+    await sync(harness, state, EXEMPT_POLICY)
+    harness.run(TAMPERS["add chain"])
+    tx = await sync(harness, state, EXEMPT_POLICY)
+    assert tx.recreate
+    assert harness.dump() == dump_table(desired(state, EXEMPT_POLICY))
+
+
+async def test_fake_and_kernel_agree_step_by_step(pair: tuple[Harness, Harness]) -> None:
+    """One random sequence of setups, teardowns, tampering and stale transactions on both:
+    after every step the same outcome, the same table and the same generation move."""
+    rng = random.Random(20261126)
+    fake, kernel = pair
+    states = {h.kind: DesiredState() for h in pair}
+    mirrors: dict[str, TableState | None] = {h.kind: None for h in pair}
+    generations = {h.kind: await h.backend.generation() for h in pair}
+    keys = [(f"net{n}", f"c{c}", "eth0") for n in range(2) for c in range(6)]
+
+    def ips() -> list[str]:
+        # A small address pool, so addresses are shared and subnets disagree.
+        out = [f"198.18.{rng.randrange(2)}.{rng.randrange(2, 6)}/{rng.choice([24, 16])}"]
+        if rng.random() < 0.5:
+            out.append(f"2001:db8:{rng.randrange(2)}::{rng.randrange(2, 5)}/64")
+        return out
+
+    for step in range(120):
+        roll = rng.random()
+        key, new_ips = rng.choice(keys), ips()
+        tamper = rng.choice(list(TAMPERS))
+        outcomes: dict[str, str] = {}
+        for h in pair:
+            state = states[h.kind]
+            try:
+                if roll < 0.1 or mirrors[h.kind] is None:
+                    await sync(h, state)
+                    mirrors[h.kind] = (await h.backend.observe()).table
+                elif roll < 0.3:
+                    h.run(TAMPERS[tamper])  # the mirror is now stale
+                else:
+                    if roll < 0.65:
+                        state.put(key, new_ips)
+                    else:
+                        state.delete(key)
+                    mirror = mirrors[h.kind]
+                    assert mirror is not None
+                    await partial(h, state, mirror)
+                outcomes[h.kind] = "ok"
+            except NftError as exc:
+                outcomes[h.kind] = exc.kind
+                mirrors[h.kind] = None  # as the reconciler does: the next sync is full
+            generation = await h.backend.generation()
+            outcomes[h.kind] += f" gen+{generation - generations[h.kind]}"
+            generations[h.kind] = generation
+        assert outcomes[fake.kind] == outcomes[kernel.kind], f"step {step}"
+        assert fake.dump() == kernel.dump(), f"step {step}"
+
+
+# ---- the kernel's own view of the layout ------------------------------------------------
+
+EXPECTED_RULES = [
+    "ip daddr 224.0.0.0/4 return",
+    "ip daddr @exempt4 return",
+    "ip saddr . ip daddr @local4 return",
+    "ip saddr @sources4 masquerade",
+    "ip6 daddr ff00::/8 return",
+    "ip6 daddr @exempt6 return",
+    "ip6 saddr . ip6 daddr @local6 return",
+    "ip6 saddr @sources6 masquerade",
+]
+
+
+@pytest.fixture
+async def kernel(ns: str) -> AsyncIterator[Harness]:
+    backend = KernelBackend(table=TABLE, netns=f"/var/run/netns/{ns}")
+    try:
+        yield Harness("kernel", backend, ns)
+    finally:
+        await backend.close()
+
+
+async def test_table_layout_is_as_designed(kernel: Harness) -> None:
+    assert kernel.ns is not None
+    await sync(kernel, two_attachments())
+    listing = nft_listing(kernel.ns)
+    sets = {o["set"]["name"]: o["set"] for o in listing if "set" in o}
+    assert {name: (s["type"], s.get("flags", [])) for name, s in sets.items()} == {
+        "sources4": ("ipv4_addr", []),
+        "local4": (["ipv4_addr", "ipv4_addr"], ["interval"]),
+        "exempt4": ("ipv4_addr", ["interval"]),
+        "sources6": ("ipv6_addr", []),
+        "local6": (["ipv6_addr", "ipv6_addr"], ["interval"]),
+        "exempt6": ("ipv6_addr", ["interval"]),
+    }
+    chains = [o["chain"] for o in listing if "chain" in o]
+    assert [(c["name"], c["type"], c["hook"], c["prio"], c["policy"]) for c in chains] == [
+        ("postrouting", "nat", "postrouting", 100, "accept")
+    ]
+    assert [o for o in listing if not {"table", "set", "chain", "rule"} & o.keys()] == []
+    text = nft(kernel.ns, "list", "chain", "inet", TABLE, "postrouting").stdout
+    body = [line.strip() for line in text.splitlines()]
+    assert "type nat hook postrouting priority srcnat; policy accept;" in body
+    start = body.index("type nat hook postrouting priority srcnat; policy accept;") + 1
+    assert body[start : start + len(EXPECTED_RULES) + 1] == [*EXPECTED_RULES, "}"]
+    # Elements carry their owner in a comment, for people reading the table.
+    assert sorted(sets["sources4"]["elem"], key=repr) == [
+        {"elem": {"val": "198.18.1.2", "comment": "net1/a/eth0"}},
+        {"elem": {"val": "198.18.1.3", "comment": "net1/b/eth0"}},
+    ]
+
+
+def _without_elements(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for obj in listing:
+        if "set" in obj:
+            obj = {"set": {k: v for k, v in obj["set"].items() if k != "elem"}}
+        out.append(obj)
+    return out
+
+
+def _elements(listing: list[dict[str, Any]]) -> set[str]:
+    return {
+        f"{o['set']['name']} {json.dumps(e, sort_keys=True)}"
+        for o in listing
+        if "set" in o
+        for e in o["set"].get("elem", [])
+    }
+
+
+async def test_a_setup_adds_elements_and_nothing_else(kernel: Harness) -> None:
+    assert kernel.ns is not None
+    state = two_attachments()
+    await sync(kernel, state)
+    mirror = (await kernel.backend.observe()).table
+    before = nft_listing(kernel.ns)
+    state.put(("net1", "new", "eth0"), ["198.18.1.7/24", "2001:db8:1::7/64"])
+    await partial(kernel, state, mirror)
+    after = nft_listing(kernel.ns)
+    # Same objects with the same handles: nothing was recreated or rewritten.
+    assert _without_elements(after) == _without_elements(before)
+    added = _elements(after) - _elements(before)
+    assert _elements(before) <= _elements(after)
+    assert {line.split(" ", 1)[0] for line in added} == {"sources4", "local4", "sources6", "local6"}
+    assert len(added) == 4
+    assert all("net1/new/eth0" in line for line in added)
+
+
+async def test_rule_count_does_not_grow_with_attachments(kernel: Harness) -> None:
+    assert kernel.ns is not None
+    counts = {}
+    state = DesiredState()
+    total = 0
+    for target in (1, 100, 1000):
+        while total < target:
+            total += 1
+            state.put(
+                ("net", f"c{total}", "eth0"),
+                [f"198.18.{total // 250}.{total % 250 + 2}/16", f"2001:db8:1::{total:x}/64"],
+            )
+        await sync(kernel, state)
+        listing = nft_listing(kernel.ns)
+        counts[target] = sum(1 for o in listing if "rule" in o)
+        assert len(kernel.state().sets[SOURCES4]) == target
+    assert counts == {1: 8, 100: 8, 1000: 8}
