@@ -1,0 +1,306 @@
+"""The DEL spool: deletes the CNI plugin could not deliver, waiting for the daemon.
+
+A runtime's DEL must not fail because masqd is down (restarting, upgrading, crashed), yet the
+attachment must not stay masqueraded for ever. So `masqd-cni` writes the DEL here, beside the
+socket (`<dirname(socket)>/spool/`, so plugin and daemon agree without more configuration),
+and the daemon applies the spool at start-up before it reports ready, and again whenever the
+directory changes while it runs.
+
+Format: one JSON file per attachment key, named after a hash of the key, so a repeated DEL of
+the same attachment rewrites one file instead of growing the spool:
+
+    del-<sha256 of the key, 32 hex digits>.json
+    {"version": 1, "network": "...", "container_id": "...", "ifname": "...", "spooled_at": 1.7e9}
+
+A file is written to a dot-prefixed temporary name in the same directory, fsynced, then
+renamed into place, so a reader never sees half an entry.
+
+Bounds: at most `MAX_ENTRIES` entries of at most `MAX_ENTRY_BYTES` each. When the spool is
+full a new entry is refused (`SpoolFull`) rather than evicting an older one: evicting would
+silently forget a DEL, while refusing makes the plugin fail that DEL with "try again later",
+which the runtime retries. An entry for an attachment already spooled is always accepted
+(it replaces the old one and does not grow the spool).
+
+Both sides are standard library only and synchronous: the plugin imports this module only on
+the rare path that needs it, and the daemon calls it from a thread or directly (each call is
+a few system calls on a directory that is almost always empty).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+SPOOL_DIRNAME = "spool"
+FORMAT_VERSION = 1
+ENTRY_PREFIX = "del-"
+ENTRY_SUFFIX = ".json"
+TEMP_PREFIX = ".tmp-"
+MAX_ENTRIES = 4096
+MAX_ENTRY_BYTES = 4096
+# A temporary file older than this belongs to a writer that died between create and rename.
+STALE_TEMP_SECONDS = 60.0
+# File timestamps come from the kernel's coarse clock (one jiffy, up to 10 ms): a change made
+# within this window after a directory was sampled may leave its mtime unchanged.
+MTIME_GRANULARITY_SECONDS = 0.05
+
+
+class SpoolFull(Exception):
+    """The spool holds `MAX_ENTRIES` entries already; the DEL was not recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledDelete:
+    """One undelivered DEL, as read back from the spool."""
+
+    network: str
+    container_id: str
+    ifname: str
+    spooled_at: float
+    path: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.network, self.container_id, self.ifname)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolProblem:
+    """A file in the spool that is not a valid entry.
+
+    `removable` is true for files this module owns (a corrupt entry, a stale temporary file):
+    the reader should log and remove them. Foreign files are only reported, never removed.
+    """
+
+    path: str
+    reason: str
+    removable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolScan:
+    entries: tuple[SpooledDelete, ...]
+    problems: tuple[SpoolProblem, ...]
+
+
+def spool_dir_for(socket_path: str) -> str:
+    """Where plugin and daemon keep the spool for the daemon listening on `socket_path`."""
+    return os.path.join(os.path.dirname(os.path.abspath(socket_path)), SPOOL_DIRNAME)
+
+
+def entry_name(network: str, container_id: str, ifname: str) -> str:
+    """The file name of the entry for one attachment key (the same key, the same file)."""
+    # JSON keeps the three parts unambiguous whatever characters they hold.
+    digest = hashlib.sha256(json.dumps([network, container_id, ifname]).encode()).hexdigest()
+    return f"{ENTRY_PREFIX}{digest[:32]}{ENTRY_SUFFIX}"
+
+
+def ensure_spool_dir(spool_dir: str) -> None:
+    """Create the spool directory if needed and make it private (0700).
+
+    Whoever can write here can make the daemon delete attachments, bypassing the socket's
+    peer-credential check, so the directory must be writable by its owner alone.
+    """
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    os.chmod(spool_dir, 0o700)
+
+
+def spool_delete(
+    spool_dir: str, network: str, container_id: str, ifname: str, *, now: float | None = None
+) -> str:
+    """Record a DEL for the daemon, atomically; the path of the entry.
+
+    Raises `SpoolFull` when the spool is full, ValueError when the entry would exceed
+    `MAX_ENTRY_BYTES`, OSError when the directory cannot be written.
+    """
+    record = {
+        "version": FORMAT_VERSION,
+        "network": network,
+        "container_id": container_id,
+        "ifname": ifname,
+        "spooled_at": time.time() if now is None else now,
+    }
+    data = json.dumps(record).encode()
+    if len(data) > MAX_ENTRY_BYTES:
+        raise ValueError(f"spool entry would be {len(data)} bytes, more than {MAX_ENTRY_BYTES}")
+    if not os.path.isdir(spool_dir):
+        os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    name = entry_name(network, container_id, ifname)
+    path = os.path.join(spool_dir, name)
+    if not os.path.exists(path) and count_entries(spool_dir) >= MAX_ENTRIES:
+        raise SpoolFull(f"{spool_dir} already holds {MAX_ENTRIES} undelivered deletes")
+    tmp = os.path.join(spool_dir, f"{TEMP_PREFIX}{name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(spool_dir)
+    return path
+
+
+def cancel_delete(spool_dir: str, network: str, container_id: str, ifname: str) -> bool:
+    """Drop a spooled DEL of this key, if any: the attachment is being set up again.
+
+    Without this, a DEL spooled earlier could be applied after the new ADD and tear the fresh
+    attachment down. True when an entry was removed.
+    """
+    try:
+        os.unlink(os.path.join(spool_dir, entry_name(network, container_id, ifname)))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def count_entries(spool_dir: str) -> int:
+    try:
+        with os.scandir(spool_dir) as it:
+            return sum(1 for e in it if _is_entry_name(e.name))
+    except FileNotFoundError:
+        return 0
+
+
+def read_spooled_deletes(spool_dir: str, *, now: float | None = None) -> SpoolScan:
+    """Every valid entry (oldest first) and every file that is not one. Never raises for content.
+
+    Read-only: the caller applies each entry, then `remove(entry.path)`; it logs each problem
+    and removes the `removable` ones. A missing directory is an empty spool. OSError is raised
+    only when the directory itself cannot be listed.
+    """
+    wall = time.time() if now is None else now
+    entries: list[SpooledDelete] = []
+    problems: list[SpoolProblem] = []
+    try:
+        with os.scandir(spool_dir) as it:
+            dirents = sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:
+        return SpoolScan((), ())
+    for dirent in dirents:
+        path = dirent.path
+        if dirent.name.startswith(TEMP_PREFIX):
+            try:
+                age = wall - dirent.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue  # renamed into place since the listing
+            if age > STALE_TEMP_SECONDS:
+                reason = f"abandoned temporary file ({age:.0f}s old)"
+                problems.append(SpoolProblem(path, reason, True))
+            continue
+        if not _is_entry_name(dirent.name):
+            problems.append(SpoolProblem(path, "not a spool entry (unexpected name)", False))
+            continue
+        parsed = _read_entry(path)
+        if isinstance(parsed, str):
+            problems.append(SpoolProblem(path, parsed, True))
+        elif parsed is not None:
+            entries.append(parsed)
+    entries.sort(key=lambda e: (e.spooled_at, e.path))
+    return SpoolScan(tuple(entries), tuple(problems))
+
+
+def remove(path: str) -> None:
+    """Remove an applied entry or a removable problem file; already gone is fine."""
+    _unlink_quietly(path)
+
+
+class SpoolWatcher:
+    """Tells the daemon when the spool directory may have changed; poll it about once a second.
+
+    Any entry written, replaced or removed renames or unlinks a name in the directory, which
+    changes the directory's mtime. Because that mtime comes from a coarse clock, a change made
+    just after a sample can keep the same mtime: a directory modified within
+    `MTIME_GRANULARITY_SECONDS` of the previous sample is therefore reported as changed once
+    more. The first poll always reports a change. `clock` is the wall clock the filesystem
+    stamps mtimes with (injected for tests).
+    """
+
+    def __init__(self, spool_dir: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.spool_dir = spool_dir
+        self._clock = clock
+        self._last: tuple[int, int] | None = None
+        self._recheck = True
+
+    def poll(self) -> bool:
+        sampled_at = self._clock()
+        try:
+            st = os.stat(self.spool_dir)
+            signature = (st.st_ino, st.st_mtime_ns)
+            modified_at = st.st_mtime
+        except FileNotFoundError:
+            signature, modified_at = (0, 0), 0.0
+        changed = self._recheck or signature != self._last
+        self._last = signature
+        self._recheck = sampled_at - modified_at < MTIME_GRANULARITY_SECONDS
+        return changed
+
+
+def _is_entry_name(name: str) -> bool:
+    return name.startswith(ENTRY_PREFIX) and name.endswith(ENTRY_SUFFIX)
+
+
+def _read_entry(path: str) -> SpooledDelete | str | None:
+    """The entry at `path`, a reason why it is not one, or None when it vanished meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot open: {exc.strerror}"
+    try:
+        data = os.read(fd, MAX_ENTRY_BYTES + 1)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if len(data) > MAX_ENTRY_BYTES:
+        return f"larger than {MAX_ENTRY_BYTES} bytes"
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return "not valid JSON"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if record.get("version") != FORMAT_VERSION:
+        return f"unknown format version {record.get('version')!r}"
+    network, container_id, ifname = (record.get(k) for k in ("network", "container_id", "ifname"))
+    if not (isinstance(network, str) and isinstance(container_id, str) and isinstance(ifname, str)):
+        return "network, container_id and ifname must be strings"
+    if not (network and container_id and ifname):
+        return "network, container_id and ifname must not be empty"
+    spooled_at = record.get("spooled_at")
+    if isinstance(spooled_at, bool) or not isinstance(spooled_at, int | float):
+        return "spooled_at must be a number"
+    if os.path.basename(path) != entry_name(network, container_id, ifname):
+        return "file name does not match its key"
+    return SpooledDelete(network, container_id, ifname, float(spooled_at), path)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_dir(path: str) -> None:
+    # Makes the rename durable on a disk-backed directory; a no-op cost on tmpfs (/run).
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
