@@ -23,7 +23,10 @@ MAX_IFNAME_BYTES = 15  # IFNAMSIZ - 1
 
 # The CNI spec's pattern for network names and container IDs.
 CNI_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
-_IFNAME_FORBIDDEN = re.compile(r"[/:\s]")
+# The kernel's own rule (dev_valid_name), plus NUL: a C string cannot hold one, and nftables
+# refuses a whole JSON batch with "\u0000" in an element comment, so one such name would stop
+# every later sync.
+_IFNAME_FORBIDDEN = re.compile(r"[/:\s\x00]")
 
 MULTICAST4 = ipaddress.IPv4Network("224.0.0.0/4")
 MULTICAST6 = ipaddress.IPv6Network("ff00::/8")
@@ -36,7 +39,7 @@ def _check_ifname(value: str) -> str:
     if value in (".", ".."):
         raise ValueError("interface name must not be '.' or '..'")
     if _IFNAME_FORBIDDEN.search(value):
-        raise ValueError("interface name must not contain '/', ':' or whitespace")
+        raise ValueError("interface name must not contain '/', ':', whitespace or NUL")
     return value
 
 
