@@ -113,7 +113,13 @@ def key_problem(network: str, container_id: str, ifname: str) -> str | None:
         ("network", network, MAX_NETWORK_NAME),
         ("container ID", container_id, MAX_CONTAINER_ID),
     ):
-        if not isinstance(value, str) or not 1 <= len(value) <= limit or not _CNI_NAME.match(value):
+        if (
+            not isinstance(value, str)
+            or not 1 <= len(value) <= limit
+            # fullmatch: re's `$` also matches before a final newline, which pydantic's
+            # pattern (Rust regex) does not.
+            or not _CNI_NAME.fullmatch(value)
+        ):
             return f"invalid {name} {value!r}"
     try:
         _check_ifname(ifname)
