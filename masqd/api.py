@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from masqd import __version__
 from masqd.metrics import Metrics
+from masqd.migrate import AdoptionError, Migrator
 from masqd.models import (
     Attachment,
     AttachmentKey,
@@ -35,6 +36,7 @@ from masqd.models import (
     NetworkName,
     validation_details,
 )
+from masqd.nft import NftError
 from masqd.plan import AttachmentRecord
 from masqd.reconciler import Reconciler, SyncUnavailable
 from masqd.state import CapacityExceeded, DesiredState
@@ -70,6 +72,7 @@ class ApiContext:
     apply_timeout: float = 10.0
     table: str = "masqd"
     extra_status: Callable[[], dict[str, Any]] = dict
+    migrator: Migrator | None = None  # None: the backend cannot adopt legacy tables
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -207,6 +210,32 @@ async def gc_network(request: web.Request) -> web.Response:
     return ok(result)
 
 
+async def diff(request: web.Request) -> web.Response:
+    """What a reconcile would change now, against a fresh listing of the kernel."""
+    ctx = request.app[CONTEXT]
+    try:
+        tx = await ctx.reconciler.diff()
+    except (NftError, OSError) as exc:
+        raise BadRequest(503, f"cannot list table inet {ctx.table}: {exc}") from None
+    return ok(
+        {"commands": tx.to_script(), "empty": tx.empty, "element_changes": tx.element_changes}
+    )
+
+
+async def adopt_cni_plugins(request: web.Request) -> web.Response:
+    """Adopt the CNI plugins' legacy masquerade rules (see `migrate`)."""
+    ctx = request.app[CONTEXT]
+    if ctx.migrator is None:
+        raise BadRequest(501, "adoption needs the kernel nftables backend")
+    try:
+        report = await ctx.migrator.adopt()
+    except AdoptionError as exc:
+        raise BadRequest(503, str(exc)) from None
+    except (NftError, OSError) as exc:
+        raise BadRequest(503, f"nftables refused: {exc}") from None
+    return ok(report.to_json())
+
+
 async def status(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     body: dict[str, Any] = {
@@ -294,6 +323,8 @@ def build_app(ctx: ApiContext) -> web.Application:
     app.router.add_get("/v1/attachments", list_attachments, allow_head=False)
     app.router.add_post("/v1/networks/{network}/gc", gc_network)
     app.router.add_get("/v1/status", status, allow_head=False)
+    app.router.add_get("/v1/diff", diff, allow_head=False)
+    app.router.add_post("/v1/migrate/cni-plugins", adopt_cni_plugins)
     app.router.add_get("/healthz", healthz, allow_head=False)
     app.router.add_get("/readyz", readyz, allow_head=False)
     return app

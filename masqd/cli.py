@@ -210,6 +210,48 @@ def cmd_status(client: Client, args: argparse.Namespace) -> Any:
     return None
 
 
+def cmd_diff(client: Client, args: argparse.Namespace) -> Any:
+    payload = client.expect("GET", "/v1/diff")
+    if args.json:
+        return payload
+    if payload["empty"]:
+        print("no changes: the kernel's table matches the desired state")
+    else:
+        print(payload["commands"])
+    return None
+
+
+def format_adoption(report: dict[str, Any]) -> str:
+    if not report.get("found"):
+        return "no table inet cni_plugins_masquerade: nothing to adopt"
+    lines = []
+    adopted = report.get("adopted") or []
+    if adopted:
+        lines.append(table(attachment_rows(adopted), ["NETWORK", "CONTAINER", "IFNAME", "IPS"]))
+    lines.append(
+        f"adopted {len(adopted)} attachments; deleted {report.get('deleted_rules', 0)} "
+        "legacy rules"
+    )
+    for left in report.get("left") or []:
+        lines.append(
+            f"left in place: rule handle {left['handle']} ({left['rule']}) "
+            f"comment {left['comment']!r}: {left['reason']}"
+        )
+    if report.get("table_deleted"):
+        lines.append("table inet cni_plugins_masquerade deleted")
+    else:
+        lines.append(f"table inet cni_plugins_masquerade kept: {report.get('table_kept')}")
+    return "\n".join(lines)
+
+
+def cmd_adopt(client: Client, args: argparse.Namespace) -> Any:
+    payload = client.expect("POST", "/v1/migrate/cni-plugins", {})
+    if args.json:
+        return payload
+    print(format_adoption(payload))
+    return None
+
+
 Command = Callable[[Client, argparse.Namespace], Any]
 
 
@@ -244,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_gc)
     sp = sub.add_parser("status", help="sync health and counters")
     sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser(
+        "diff", help="what a reconcile would change now, as nft commands (changes nothing)"
+    )
+    sp.set_defaults(func=cmd_diff)
+    sp = sub.add_parser(
+        "adopt-cni-plugins",
+        help="take over the CNI plugins' rules (table inet cni_plugins_masquerade)",
+    )
+    sp.set_defaults(func=cmd_adopt)
     return p
 
 

@@ -8,6 +8,11 @@ Start-up, in order:
    never takes a working rule away;
 5. report ready (sd_notify READY=1, /readyz 200).
 
+With `--adopt-cni-plugins-rules`, once the first sync is done the CNI plugins' legacy rules
+are adopted (see `migrate`). SIGHUP re-reads the config file: a valid policy goes to the
+kernel in one transaction, an invalid file is refused with a log line and changes nothing,
+and settings that only a restart can change are named in the log.
+
 Shutdown (SIGTERM, SIGINT): tell systemd we are stopping, stop accepting requests, let the
 loops finish, close the kernel backend. The table stays in the kernel: containers keep their
 masquerade while the daemon is away.
@@ -31,11 +36,19 @@ from aiohttp import web
 from masqd import __version__, plan, spool
 from masqd.activation import listen_fds, unix_listener
 from masqd.api import AccessPolicy, ApiContext, build_app
-from masqd.config import DaemonConfig, log_level, parse_args
+from masqd.config import (
+    ConfigError,
+    ConfigLoader,
+    DaemonConfig,
+    log_level,
+    restart_needed,
+    unknown_environment,
+)
 from masqd.journal import Entry, Journal
 from masqd.metrics import Metrics
+from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentKey, key_problem
-from masqd.nft import Backend, KernelBackend
+from masqd.nft import Backend, KernelBackend, NftError
 from masqd.reconciler import Reconciler
 from masqd.ruleset import Policy
 from masqd.sdnotify import Notifier, watchdog_loop
@@ -54,8 +67,10 @@ class Daemon:
         *,
         backend: Backend | None = None,
         metrics: Metrics | None = None,
+        loader: ConfigLoader | None = None,
     ) -> None:
         self.config = config
+        self.loader = loader  # re-reads the config file on SIGHUP
         self.metrics = metrics or Metrics()
         self.journal = Journal(Path(config.state_dir))
         self.state = DesiredState(journal=self.journal, max_attachments=config.max_attachments)
@@ -64,7 +79,7 @@ class Daemon:
             state=self.state,
             backend=self.backend,
             table=config.table,
-            policy=Policy(),
+            policy=config.policy,
             metrics=self.metrics,
             journal=self.journal,
             resync_interval=config.resync_interval,
@@ -73,7 +88,19 @@ class Daemon:
         self.spool_dir = spool.spool_dir_for(config.socket)
         self.journal_problems: list[str] = []
         self.metrics_address: str | None = None
+        # Adoption of the CNI plugins' rules needs to run nftables JSON on the real kernel.
+        self.migrator = (
+            Migrator(
+                state=self.state,
+                reconciler=self.reconciler,
+                nft=self.backend,
+                apply_timeout=config.apply_timeout,
+            )
+            if isinstance(self.backend, KernelBackend)
+            else None
+        )
         self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -175,6 +202,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
 
         ctx = ApiContext(
             state=self.state,
@@ -184,6 +212,7 @@ class Daemon:
             apply_timeout=self.config.apply_timeout,
             table=self.config.table,
             extra_status=self.extra_status,
+            migrator=self.migrator,
         )
         api_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=2.0)
         await api_runner.setup()
@@ -196,6 +225,9 @@ class Daemon:
                 tasks.create_task(self._announce_ready(spooled), name="ready")
                 tasks.create_task(self._watch_spool(), name="spool-watch")
                 tasks.create_task(watchdog_loop(self.notifier, self.healthy), name="watchdog")
+                tasks.create_task(self._reload_loop(), name="reload")
+                if self.config.adopt_cni_plugins_rules:
+                    tasks.create_task(self._adopt_at_startup(), name="adopt-cni-plugins")
                 await self._stop.wait()
                 log.info("stopping; table inet %s stays in the kernel", self.config.table)
                 self.notifier.stopping()
@@ -284,12 +316,94 @@ class Daemon:
         return runner
 
 
+    # ---- SIGHUP and adoption -------------------------------------------------------------
+
+    def reload_config(self) -> Policy | None:
+        """Re-read the config file; the new policy handed to the reconciler, or None when the
+        file was refused or the policy did not change. Never raises for a bad file."""
+        if self.loader is None:
+            log.warning("SIGHUP: this daemon was not started from a config loader; ignored")
+            return None
+        try:
+            new = self.loader.load()
+        except ConfigError as exc:
+            log.error(
+                "SIGHUP: config refused, the running settings stay: %s",
+                "; ".join(str(p) for p in exc.problems),
+            )
+            return None
+        old = self.config
+        stale = restart_needed(old, new)
+        if stale:
+            log.warning(
+                "SIGHUP: changed settings that take effect only after a restart: %s",
+                ", ".join(stale),
+            )
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(log_level(new.log_level))
+            log.info("SIGHUP: log level %s", new.log_level)
+        # Keep the running values of what needs a restart, so status stays truthful.
+        self.config = old.model_copy(
+            update={
+                "log_level": new.log_level,
+                "exempt_destinations": new.exempt_destinations,
+                "random_fully": new.random_fully,
+            }
+        )
+        policy = new.policy
+        if policy == self.reconciler.policy:
+            log.info("SIGHUP: config %s re-read; policy unchanged", self.loader.path)
+            return None
+        log.info(
+            "SIGHUP: new policy from %s: %d exempt IPv4 and %d IPv6 destinations, "
+            "fully-random %s; applying",
+            self.loader.path,
+            len(policy.exempt4),
+            len(policy.exempt6),
+            "on" if policy.random_fully else "off",
+        )
+        self.reconciler.set_policy(policy)
+        return policy
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            policy = self.reload_config()
+            if policy is None:
+                continue
+            try:
+                await self.reconciler.wait_policy_applied(policy, self.config.apply_timeout)
+            except TimeoutError:
+                log.error(
+                    "SIGHUP: the new policy is not in the kernel after %gs (%s); still trying",
+                    self.config.apply_timeout,
+                    self.reconciler.stats.last_error or "sync pending",
+                )
+            else:
+                log.info("SIGHUP: policy applied to table inet %s", self.config.table)
+
+    async def _adopt_at_startup(self) -> None:
+        await self.reconciler.first_sync_done.wait()
+        if self.migrator is None:
+            log.error("--adopt-cni-plugins-rules needs the kernel backend; nothing adopted")
+            return
+        try:
+            report = await self.migrator.adopt()
+        except (AdoptionError, NftError, OSError) as exc:
+            log.error("adopting the CNI plugins' rules failed, legacy rules kept: %s", exc)
+            return
+        if not report.found:
+            log.info("no table inet %s to adopt", self.migrator.table)
+
+
 class _Shutdown(Exception):
     """Raised inside the task group to cancel its tasks on a stop signal."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_args(argv)
+    loader = ConfigLoader(argv)
+    config = loader.load_or_exit()
     logging.basicConfig(
         level=log_level(config.log_level),
         stream=sys.stderr,
@@ -299,11 +413,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     if os.geteuid() != 0:
         log.warning("not running as root: nftables needs CAP_NET_ADMIN")
+    for name in unknown_environment(loader.environ):
+        log.warning("environment variable %s names no masqd setting; ignored", name)
     log.info(
-        "masqd %s starting (table inet %s, socket %s)", __version__, config.table, config.socket
+        "masqd %s starting (table inet %s, socket %s, config %s%s)",
+        __version__,
+        config.table,
+        config.socket,
+        loader.path,
+        "" if os.path.exists(loader.path) else ", absent",
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Daemon(config).run())
+        asyncio.run(Daemon(config, loader=loader).run())
 
 
 if __name__ == "__main__":

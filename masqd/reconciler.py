@@ -84,8 +84,10 @@ class Reconciler:
         self._wall = wall_clock
         self.stats = SyncStats()
         self.policy = policy
+        self.applied_policy: Policy | None = None  # the policy of the last successful sync
         self._structure = ruleset.desired_structure(policy)
         self._fingerprint = plan.policy_fingerprint(policy)
+        self._synced = asyncio.Event()  # set, then replaced, by every successful sync
         self._mirror: TableState | None = None  # what the kernel holds, as far as we know
         self._known_generation: int | None = None
         self._wake = asyncio.Event()
@@ -168,6 +170,19 @@ class Reconciler:
         finally:
             if entry in self._waiters:
                 self._waiters.remove(entry)
+
+    async def wait_policy_applied(self, policy: Policy, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once a successful sync has put `policy` into the kernel (TimeoutError)."""
+        async with asyncio.timeout(timeout):
+            while self.applied_policy != policy:
+                await self._synced.wait()
+
+    async def diff(self) -> plan.Transaction:
+        """What a full sync would change now, planned against a fresh listing of the kernel
+        (not the mirror, which may be stale); nothing is applied. For `masqctl diff`."""
+        observation = await self.backend.observe()
+        desired = TableState(self._structure, self.state.table_sets(self.policy))
+        return plan.plan(desired, observation.table, table=self.table, policy=self.policy)
 
     def plan_now(self) -> plan.Transaction | None:
         """What a full sync against the current mirror would do (for `masqctl diff`)."""
@@ -309,9 +324,10 @@ class Reconciler:
         taken.version = self.state.version
         taken.dirty = dirty = self.state.take_dirty()
         taken.pending = pending = self.journal.take_pending() if self.journal else []
-        desired = TableState(self._structure, self.state.table_sets(self.policy))
+        policy = self.policy
+        desired = TableState(self._structure, self.state.table_sets(policy))
         tx = plan.plan(
-            desired, mirror, table=self.table, policy=self.policy, touched=None if full else dirty
+            desired, mirror, table=self.table, policy=policy, touched=None if full else dirty
         )
         if pending and self.journal is not None:
             # Durable before the kernel has it: an acknowledged change survives a crash.
@@ -324,6 +340,7 @@ class Reconciler:
                 # Someone else committed around our transaction: check with a full sync.
                 self.request_full("concurrent change")
         self._mirror = mirror
+        self.applied_policy = policy
         self.stats.last_tx_elements = tx.element_changes
         if self.journal is not None:
             await self._journal_housekeeping(self.journal, taken)
@@ -370,6 +387,8 @@ class Reconciler:
             else:
                 still_waiting.append(entry)
         self._waiters[:] = still_waiting
+        synced, self._synced = self._synced, asyncio.Event()
+        synced.set()
         if not self.first_sync_done.is_set():
             self.first_sync_done.set()
             log.info(
