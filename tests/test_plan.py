@@ -1,0 +1,406 @@
+"""The planner, pure: desired table from attachments; one minimal transaction per difference.
+
+Property tests over random attachments (from small address pools, so owners share
+addresses and disagree on subnets) and random observed tables (other attachments, missing
+and foreign elements, damaged rules, sets and chains, no table at all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Mapping
+
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from masqd import plan, ruleset
+from masqd.plan import AttachmentKeyT, AttachmentRecord, Transaction
+from masqd.ruleset import (
+    ALL_SETS,
+    EXEMPT4,
+    LOCAL4,
+    LOCAL6,
+    SOURCES4,
+    SOURCES6,
+    Element,
+    Policy,
+    Structure,
+    TableState,
+)
+
+TABLE = "masqd"
+
+# ---- strategies -------------------------------------------------------------------------
+
+ipv4 = st.builds(
+    lambda third, host, prefix: f"198.18.{third}.{host}/{prefix}",
+    st.integers(0, 3),
+    st.integers(2, 9),
+    st.sampled_from([24, 16, 32, 22]),
+)
+ipv6 = st.builds(
+    lambda group, host, prefix: f"2001:db8:{group}::{host:x}/{prefix}",
+    st.integers(0, 3),
+    st.integers(2, 9),
+    st.sampled_from([64, 48, 128]),
+)
+keys = st.tuples(
+    st.sampled_from(["net1", "net2"]), st.sampled_from([f"c{n}" for n in range(8)]), st.just("eth0")
+)
+
+
+@st.composite
+def ip_lists(draw: st.DrawFn) -> tuple[tuple[str, str], ...]:
+    ips = draw(st.lists(st.one_of(ipv4, ipv6), min_size=1, max_size=4))
+    pairs: dict[str, str] = {}
+    for ip in ips:
+        address, subnet = plan.address_subnet(ip)
+        pairs.setdefault(address, subnet)  # an attachment lists an address once
+    return tuple(pairs.items())
+
+
+@st.composite
+def attachment_maps(draw: st.DrawFn) -> dict[AttachmentKeyT, AttachmentRecord]:
+    items = draw(st.dictionaries(keys, ip_lists(), max_size=10))
+    seqs = draw(st.permutations(range(1, len(items) + 1)))
+    return {
+        k: AttachmentRecord(ips, seq) for (k, ips), seq in zip(items.items(), seqs, strict=True)
+    }
+
+
+policies = st.builds(
+    Policy,
+    exempt4=st.lists(
+        st.sampled_from(["198.19.0.0/16", "198.19.1.0/24", "10.0.0.0/8"]), max_size=2
+    ).map(tuple),
+    exempt6=st.lists(st.sampled_from(["2001:db8:ff::/48", "2001:db8:fe::/48"]), max_size=1).map(
+        tuple
+    ),
+    random_fully=st.booleans(),
+)
+
+FOREIGN_RULE = ruleset.canonical([{"accept": None}])
+
+
+@st.composite
+def damaged(draw: st.DrawFn, table: TableState) -> TableState:
+    """`table` after random damage of the kinds tampering and stale mirrors produce."""
+    out = table.copy()
+    kind = draw(
+        st.sampled_from(
+            [
+                "none",
+                "no table",
+                "rules",
+                "rule order",
+                "foreign set",
+                "chain",
+                "set type",
+                "elements",
+            ]
+        )
+    )
+    assert out.structure is not None
+    s = out.structure
+    if kind == "no table":
+        return TableState(None)
+    if kind == "rules":
+        rules = list(s.rules)
+        cut = draw(st.integers(0, len(rules)))
+        rules = rules[:cut] + draw(st.sampled_from([[], [FOREIGN_RULE]]))
+        assume(tuple(rules) != s.rules)
+        out.structure = Structure(s.sets, s.chains, tuple(rules))
+    elif kind == "rule order":
+        out.structure = Structure(s.sets, s.chains, tuple(reversed(s.rules)))
+    elif kind == "foreign set":
+        out.structure = Structure(s.sets | {("foreign", '"ipv4_addr"', ())}, s.chains, s.rules)
+    elif kind == "chain":
+        chains = frozenset({(ruleset.CHAIN, "nat", "postrouting", 99, "accept")})
+        out.structure = Structure(s.sets, chains, s.rules)
+    elif kind == "set type":
+        sets = frozenset(x for x in s.sets if x[0] != SOURCES4) | {(SOURCES4, '"ipv6_addr"', ())}
+        out.structure = Structure(sets, s.chains, s.rules)
+    # Element damage goes with any structure damage too.
+    for name in ALL_SETS:
+        for k in list(out.sets[name]):
+            if draw(st.integers(0, 9)) == 0:
+                del out.sets[name][k]
+        if draw(st.integers(0, 4)) == 0:
+            if name in (SOURCES4, LOCAL4):
+                out.sets[name]["198.18.7.7"] = Element(
+                    "198.18.7.7", "198.18.7.0/24" if name == LOCAL4 else None, "x/y/z"
+                )
+            elif name in (SOURCES6, LOCAL6):
+                out.sets[name]["2001:db8:7::7"] = Element(
+                    "2001:db8:7::7", "2001:db8:7::/64" if name == LOCAL6 else None, None
+                )
+        for k, e in list(out.sets[name].items()):
+            if draw(st.integers(0, 9)) == 0:
+                out.sets[name][k] = dataclasses.replace(e, comment="someone/else/eth9")
+    return out
+
+
+@st.composite
+def observed_tables(draw: st.DrawFn) -> TableState:
+    other = plan.desired_table(draw(attachment_maps()), draw(policies))
+    return draw(damaged(other))
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def same(a: TableState, b: TableState) -> bool:
+    return a.structure == b.structure and a.sets == b.sets
+
+
+def element_diff(desired: TableState, observed: TableState) -> set[tuple[str, str]]:
+    return {
+        (name, k)
+        for name in ALL_SETS
+        for k in desired.sets[name].keys() | observed.sets[name].keys()
+        if desired.sets[name].get(k) != observed.sets[name].get(k)
+    }
+
+
+def as_sets(groups: Mapping[str, tuple[Element, ...]]) -> dict[str, frozenset[Element]]:
+    return {name: frozenset(elems) for name, elems in groups.items() if elems}
+
+
+# ---- desired table ----------------------------------------------------------------------
+
+
+def test_desired_table_for_a_dual_stack_attachment() -> None:
+    table = plan.desired_table(
+        {
+            ("net1", "c1", "eth0"): AttachmentRecord(
+                (("198.18.1.2", "198.18.1.0/24"), ("2001:db8:1::2", "2001:db8:1::/64")), 1
+            )
+        },
+        Policy(),
+    )
+    assert table.structure == ruleset.desired_structure(Policy())
+    assert table.sets[SOURCES4] == {"198.18.1.2": Element("198.18.1.2", None, "net1/c1/eth0")}
+    assert table.sets[LOCAL4] == {
+        "198.18.1.2": Element("198.18.1.2", "198.18.1.0/24", "net1/c1/eth0")
+    }
+    assert table.sets[SOURCES6] == {"2001:db8:1::2": Element("2001:db8:1::2", None, "net1/c1/eth0")}
+    assert table.sets[LOCAL6]["2001:db8:1::2"].subnet == "2001:db8:1::/64"
+
+
+def test_a_shared_address_follows_its_most_recent_owner() -> None:
+    a, b = ("net1", "a", "eth0"), ("net1", "b", "eth0")
+    older = AttachmentRecord((("198.18.1.3", "198.18.1.0/24"),), 1)
+    newer = AttachmentRecord((("198.18.1.3", "198.18.0.0/16"),), 2)
+    table = plan.desired_table({b: newer, a: older}, Policy())
+    assert table.sets[LOCAL4]["198.18.1.3"] == Element("198.18.1.3", "198.18.0.0/16", "net1/b/eth0")
+    alone = plan.desired_table({a: older}, Policy())
+    assert alone.sets[LOCAL4]["198.18.1.3"].subnet == "198.18.1.0/24"
+
+
+def test_exempt_cidrs_are_collapsed_since_the_interval_set_refuses_overlaps() -> None:
+    policy = Policy(exempt4=("198.19.0.0/16", "198.19.1.0/24", "198.20.0.0/16", "198.21.0.0/16"))
+    table = plan.desired_table({}, policy)
+    assert set(table.sets[EXEMPT4]) == {"198.19.0.0/16", "198.20.0.0/15"}
+
+
+def test_long_owner_comments_are_cut_and_marked() -> None:
+    owner = ("n" * 64, "c" * 128, "eth0")
+    comment = ruleset.owner_comment(*owner)
+    assert len(comment.encode()) <= ruleset.COMMENT_MAX_BYTES
+    assert comment.endswith(ruleset.TRUNCATED_MARK)
+    assert ruleset.parse_owner_comment(comment) is None
+    assert ruleset.parse_owner_comment(ruleset.owner_comment("n", "c", "e")) == ("n", "c", "e")
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 32))
+def test_the_ipv4_fast_path_agrees_with_ipaddress(value: int, prefix: int) -> None:
+    ip = f"{ipaddress.IPv4Address(value)}/{prefix}"
+    iface = ipaddress.ip_interface(ip)
+    assert plan.address_subnet(ip) == (str(iface.ip), str(iface.network))
+
+
+# ---- properties of plan -----------------------------------------------------------------
+
+
+@settings(max_examples=100)
+@given(attachment_maps(), policies)
+def test_plan_of_a_table_against_itself_is_empty(
+    attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy
+) -> None:
+    desired = plan.desired_table(attachments, policy)
+    tx = plan.plan(desired, desired.copy(), table=TABLE, policy=policy)
+    assert tx.empty
+    assert tx.to_json() == {"nftables": []}
+    assert plan.plan(desired, desired, table=TABLE, policy=policy, touched=set()).empty
+
+
+@settings(max_examples=120)
+@given(attachment_maps(), policies, observed_tables())
+def test_applying_the_plan_to_the_observed_table_gives_the_desired_one(
+    attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy, observed: TableState
+) -> None:
+    desired = plan.desired_table(attachments, policy)
+    tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+    result = plan.apply(tx, observed)
+    assert same(result, desired)
+    assert plan.plan(desired, result, table=TABLE, policy=policy).empty
+    # `apply` returns a new value; the observed table is untouched.
+    assert result is not observed
+
+
+@settings(max_examples=120)
+@given(attachment_maps(), policies, observed_tables())
+def test_the_plan_is_minimal(
+    attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy, observed: TableState
+) -> None:
+    desired = plan.desired_table(attachments, policy)
+    tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+    assert desired.structure is not None
+    structure_ok = observed.structure is not None and (
+        observed.structure.sets == desired.structure.sets
+        and observed.structure.chains == desired.structure.chains
+    )
+    if not structure_ok:
+        # A new table, holding exactly the desired elements, and nothing to delete.
+        assert tx.recreate and not tx.delete
+        assert as_sets(tx.add) == as_sets({n: tuple(desired.sets[n].values()) for n in ALL_SETS})
+        return
+    assert observed.structure is not None
+    assert not tx.recreate
+    assert tx.rewrite_rules == (observed.structure.rules != desired.structure.rules)
+    # Each differing element is deleted if present and added if wanted; nothing else.
+    diff = element_diff(desired, observed)
+    deleted = {(n, e.key) for n, elems in tx.delete.items() for e in elems}
+    added = {(n, e.key) for n, elems in tx.add.items() for e in elems}
+    assert deleted == {(n, k) for n, k in diff if k in observed.sets[n]}
+    assert added == {(n, k) for n, k in diff if k in desired.sets[n]}
+    assert tx.element_changes == len(deleted) + len(added)
+
+
+@settings(max_examples=120)
+@given(
+    attachment_maps(), policies, observed_tables(), st.sets(st.sampled_from(["198.18.9.9", "x"]))
+)
+def test_a_partial_plan_that_covers_every_difference_equals_the_full_plan(
+    attachments: dict[AttachmentKeyT, AttachmentRecord],
+    policy: Policy,
+    observed: TableState,
+    extra: set[str],
+) -> None:
+    desired = plan.desired_table(attachments, policy)
+    full = plan.plan(desired, observed, table=TABLE, policy=policy)
+    touched = {k for _, k in element_diff(desired, observed)} | extra
+    partial = plan.plan(desired, observed, table=TABLE, policy=policy, touched=touched)
+    assert (partial.recreate, partial.rewrite_rules) == (full.recreate, full.rewrite_rules)
+    assert as_sets(partial.add) == as_sets(full.add)
+    assert as_sets(partial.delete) == as_sets(full.delete)
+
+
+@settings(max_examples=50)
+@given(attachment_maps(), policies)
+def test_a_partial_plan_ignores_keys_it_was_not_told_about(
+    attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy
+) -> None:
+    desired = plan.desired_table(attachments, policy)
+    observed = desired.copy()
+    observed.sets[SOURCES4]["198.18.9.9"] = Element("198.18.9.9")  # not touched: left alone
+    tx = plan.plan(desired, observed, table=TABLE, policy=policy, touched=set())
+    assert tx.empty
+
+
+def test_a_single_setup_on_a_large_table_is_a_handful_of_element_adds() -> None:
+    attachments = {
+        ("net1", f"c{n}", "eth0"): AttachmentRecord(
+            (
+                (f"198.18.{n // 250}.{n % 250 + 2}", f"198.18.{n // 250}.0/24"),
+                (f"2001:db8:1::{n + 2:x}", "2001:db8:1::/64"),
+            ),
+            n + 1,
+        )
+        for n in range(5000)
+    }
+    policy = Policy()
+    before = plan.desired_table(attachments, policy)
+    attachments[("net1", "new", "eth0")] = AttachmentRecord(
+        (("198.18.99.2", "198.18.99.0/24"), ("2001:db8:99::2", "2001:db8:99::/64")), 99999
+    )
+    after = plan.desired_table(attachments, policy)
+    touched = {"198.18.99.2", "2001:db8:99::2"}
+    for tx in (
+        plan.plan(after, before, table=TABLE, policy=policy, touched=touched),
+        plan.plan(after, before, table=TABLE, policy=policy),
+    ):
+        assert not tx.recreate and not tx.rewrite_rules and not tx.delete
+        assert tx.element_changes == 4
+        assert {n: [e.key for e in es] for n, es in tx.add.items()} == {
+            SOURCES4: ["198.18.99.2"],
+            LOCAL4: ["198.18.99.2"],
+            SOURCES6: ["2001:db8:99::2"],
+            LOCAL6: ["2001:db8:99::2"],
+        }
+        commands = tx.to_json()["nftables"]
+        assert len(commands) == 4 and all("add" in c and "element" in c["add"] for c in commands)
+
+
+# ---- damage of each kind picks the cheapest repair --------------------------------------
+
+
+def _table() -> tuple[TableState, Policy]:
+    policy = Policy()
+    attachments = {("net1", "c1", "eth0"): AttachmentRecord((("198.18.1.2", "198.18.1.0/24"),), 1)}
+    return plan.desired_table(attachments, policy), policy
+
+
+def test_missing_or_foreign_rules_are_rewritten_in_place() -> None:
+    desired, policy = _table()
+    assert desired.structure is not None
+    for rules in ((), desired.structure.rules[:-1], (*desired.structure.rules, FOREIGN_RULE)):
+        observed = desired.copy()
+        observed.structure = Structure(desired.structure.sets, desired.structure.chains, rules)
+        tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+        assert tx.rewrite_rules and not tx.recreate and tx.element_changes == 0
+        commands = tx.to_json()["nftables"]
+        assert "flush" in commands[0] and len(commands) == 1 + len(desired.structure.rules)
+
+
+def test_damaged_sets_or_chains_replace_the_table_in_one_batch() -> None:
+    desired, policy = _table()
+    observed = desired.copy()
+    observed.structure = None
+    tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+    assert tx.recreate
+    commands = tx.to_json()["nftables"]
+    # add; delete; add: valid whether or not the table is there, and atomic.
+    assert [next(iter(c)) for c in commands[:3]] == ["add", "delete", "add"]
+    assert all("table" in c[v] for c, v in zip(commands[:3], ["add", "delete", "add"], strict=True))
+    added = [c["add"]["element"] for c in commands if "element" in c.get("add", {})]
+    assert {a["name"] for a in added} == {SOURCES4, LOCAL4}
+    assert "add table inet masqd" in tx.to_script()
+
+
+def test_deletes_go_before_adds_and_carry_no_comment() -> None:
+    desired, policy = _table()
+    observed = desired.copy()
+    observed.sets[LOCAL4]["198.18.1.2"] = Element("198.18.1.2", "198.18.0.0/16", "old/owner/eth0")
+    tx = plan.plan(desired, observed, table=TABLE, policy=policy, touched={"198.18.1.2"})
+    commands = tx.to_json()["nftables"]
+    assert [next(iter(c)) for c in commands] == ["delete", "add"]
+    assert commands[0]["delete"]["element"]["elem"] == [
+        {"concat": ["198.18.1.2", {"prefix": {"addr": "198.18.0.0", "len": 16}}]}
+    ]
+    assert commands[1]["add"]["element"]["elem"][0]["elem"]["comment"] == "net1/c1/eth0"
+    script = tx.to_script().splitlines()
+    assert script == [
+        'delete element inet masqd local4 { 198.18.1.2 . 198.18.0.0/16 comment "old/owner/eth0" }',
+        'add element inet masqd local4 { 198.18.1.2 . 198.18.1.0/24 comment "net1/c1/eth0" }',
+    ]
+
+
+def test_transaction_is_a_value() -> None:
+    tx = Transaction(TABLE, Policy())
+    assert tx.empty and tx.element_changes == 0 and tx.to_script() == ""
+    assert Transaction(TABLE, Policy(), add={SOURCES4: (Element("198.18.1.2"),)}) == Transaction(
+        TABLE, Policy(), add={SOURCES4: (Element("198.18.1.2"),)}
+    )
