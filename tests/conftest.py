@@ -44,7 +44,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.when == "call" and report.failed:
-        for daemon in item.stash.get(_DAEMONS, []):
+        stashed: list[MasqdProcess] = item.stash.get(_DAEMONS, [])
+        daemons = list(stashed)
+        funcargs = getattr(item, "funcargs", {})
+        daemons += [
+            d for d in funcargs.values() if isinstance(d, MasqdProcess) and d not in daemons
+        ]
+        for daemon in daemons:
             report.sections.append((f"masqd log ({daemon.ns})", daemon.log_tail(80)))
     return report
 

@@ -73,8 +73,12 @@ class _UnixConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
 
 
@@ -93,15 +97,21 @@ class Client:
         *,
         raw: bytes | None = None,
         headers: dict[str, str] | None = None,
+        chunked: bool = False,
     ) -> Response:
-        """Send `body` as JSON, or `raw` bytes as they are (for malformed requests)."""
+        """Send `body` as JSON, or `raw` bytes as they are (for malformed requests);
+        `chunked` sends the body with chunked transfer encoding (no Content-Length)."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         sent = dict(headers or {})
         if data is not None:
             sent.setdefault("Content-Type", "application/json")
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
-            conn.request(method, path, body=data, headers=sent)
+            if chunked and data is not None:
+                pieces = [data[i : i + 8192] for i in range(0, len(data), 8192)]
+                conn.request(method, path, body=iter(pieces), headers=sent, encode_chunked=True)
+            else:
+                conn.request(method, path, body=data, headers=sent)
             resp = conn.getresponse()
             return Response(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
         finally:
