@@ -129,6 +129,8 @@ def spool_delete(
     if len(data) > MAX_ENTRY_BYTES:
         raise ValueError(f"spool entry would be {len(data)} bytes, more than {MAX_ENTRY_BYTES}")
     if not os.path.isdir(spool_dir):
+        # The daemon never ran here yet: make its socket directory as it would (0750).
+        os.makedirs(os.path.dirname(os.path.abspath(spool_dir)), mode=0o750, exist_ok=True)
         os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     name = entry_name(network, container_id, ifname)
     path = os.path.join(spool_dir, name)

@@ -33,6 +33,12 @@ def test_a_spooled_delete_reads_back_with_its_key(tmp_path: Path) -> None:
     assert os.listdir(directory) == [os.path.basename(path)]  # no temporary file left
 
 
+def test_a_first_spool_makes_the_socket_directory_as_the_daemon_would(tmp_path: Path) -> None:
+    spool.spool_delete(str(tmp_path / "run" / "spool"), "n", "c", "eth0")
+    assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(tmp_path / "run" / "spool").st_mode) == 0o700
+
+
 def test_the_same_attachment_spooled_twice_is_one_entry_with_the_later_time(tmp_path: Path) -> None:
     directory = str(tmp_path)
     first = spool.spool_delete(directory, "n", "c", "eth0", now=1.0)
