@@ -68,7 +68,8 @@ DaemonFactory = Callable[..., MasqdProcess]
 @pytest.fixture
 def daemon_factory(request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
     """Start masqd: `daemon_factory(ns=None, start=True, table=..., resync_interval=...,
-    log_level=..., extra_args=...)`. Without `ns` each daemon gets a namespace of its own.
+    log_level=..., extra_args=..., env=...)`. Without `ns` each daemon gets a namespace of
+    its own. It reads an empty config file and no MASQD_* variable but those in `env`.
     Every daemon is killed and its files removed after the test."""
     from contextlib import ExitStack
 

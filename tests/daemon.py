@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import shutil
 import signal
 import socket
@@ -241,6 +242,7 @@ class MasqdProcess:
     resync_interval: float = 60.0
     log_level: str = "info"
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # MASQD_* settings, for instance
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -254,6 +256,12 @@ class MasqdProcess:
     @property
     def log_path(self) -> Path:
         return self.workdir / "masqd.log"
+
+    @property
+    def config_path(self) -> Path:
+        """An empty config file: the host's /etc/masqd/masqd.toml must not leak into tests
+        (a `--config` in `extra_args` comes later and wins)."""
+        return self.workdir / "masqd.toml"
 
     @property
     def client(self) -> Client:
@@ -271,16 +279,20 @@ class MasqdProcess:
             "--metrics-listen", "127.0.0.1:0",
             "--resync-interval", str(self.resync_interval),
             "--log-level", self.log_level,
+            "--config", str(self.config_path),
             *self.extra_args,
         ]  # fmt: skip
 
     def start(self, *, wait: bool = True, timeout: float = READY_TIMEOUT) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.config_path.touch()
+        # Only the settings the test gives: none from the environment of whoever runs it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MASQD_")} | self.env
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
         try:
             # `ip netns exec` execs masqd, so proc.pid is the daemon's own pid.
             self.proc = subprocess.Popen(
-                self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env
             )
         finally:
             log.close()
@@ -364,6 +376,7 @@ def running_masqd(
     resync_interval: float = 60.0,
     log_level: str = "info",
     extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[MasqdProcess]:
     """A ready masqd in `ns` (or in a fresh namespace of its own); killed and removed after."""
     with contextlib.ExitStack() as stack:
@@ -376,6 +389,7 @@ def running_masqd(
             resync_interval=resync_interval,
             log_level=log_level,
             extra_args=list(extra_args),
+            env=dict(env or {}),
         )
         stack.callback(daemon.close)
         if start:
