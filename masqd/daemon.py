@@ -1,7 +1,9 @@
 """The composition root: build the parts, run them, stop them in order.
 
 Start-up, in order:
-1. load the journal into the desired state (problems are reported, never fatal);
+1. load the journal into the desired state (problems are reported, never fatal); when there
+   is no journal, or it had problems, while the table is in the kernel, adopt the attachments
+   the table's element comments name (`adopt`) rather than wipe what it holds;
 2. apply DELs that the CNI plugin spooled while the daemon was away;
 3. open the API socket (the one systemd passed, or our own), so requests queue meanwhile;
 4. run the first full sync: it lists the table and changes only what differs, so a restart
@@ -33,9 +35,9 @@ from typing import Any
 
 from aiohttp import web
 
-from masqd import __version__, plan, spool
+from masqd import __version__, adopt, plan, spool
 from masqd.activation import listen_fds, unix_listener
-from masqd.api import AccessPolicy, ApiContext, build_app
+from masqd.api import AccessPolicy, ApiContext, LimitedSockSite, build_app
 from masqd.config import (
     ConfigError,
     ConfigLoader,
@@ -44,6 +46,7 @@ from masqd.config import (
     restart_needed,
     unknown_environment,
 )
+from masqd.events import EventWatcher
 from masqd.journal import Entry, Journal
 from masqd.metrics import Metrics
 from masqd.migrate import AdoptionError, Migrator
@@ -52,7 +55,7 @@ from masqd.nft import Backend, KernelBackend, NftError
 from masqd.reconciler import Reconciler
 from masqd.ruleset import Policy
 from masqd.sdnotify import Notifier, watchdog_loop
-from masqd.state import DesiredState
+from masqd.state import CapacityExceeded, DesiredState
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ class Daemon:
         self.notifier = Notifier()
         self.spool_dir = spool.spool_dir_for(config.socket)
         self.journal_problems: list[str] = []
+        self.journal_found = False
+        self.adopted: dict[str, int] | None = None
+        self.events: EventWatcher | None = None
         self.metrics_address: str | None = None
         # Adoption of the CNI plugins' rules needs to run nftables JSON on the real kernel.
         self.migrator = (
@@ -106,8 +112,10 @@ class Daemon:
 
     def load_journal(self) -> None:
         loaded = self.journal.load()
+        self.journal_found = loaded.found
         markers = [i for i, e in enumerate(loaded.entries) if e.op == "synced"]
-        last_marker = markers[-1] if markers else None
+        # A journal with unreadable lines does not say what the kernel held: list it.
+        last_marker = markers[-1] if markers and not loaded.problems else None
         for index, entry in enumerate(loaded.entries):
             if entry.op == "synced":
                 if index == last_marker:
@@ -133,6 +141,56 @@ class Daemon:
             len(self.state),
             "" if loaded.found else " (no journal found: starting empty)",
         )
+
+    async def adopt_kernel_table(self) -> None:
+        """Take over the attachments that the kernel's table names and the journal does not
+        (see `adopt`). Journalled like any setup, so the next start finds them there."""
+        try:
+            observation = await self.backend.observe()
+        except Exception as exc:
+            log.error("cannot list table inet %s to adopt it: %s", self.config.table, exc)
+            return
+        if observation.table.structure is None:
+            return
+        found = adopt.adopt(observation.table)
+        unreadable = list(found.unreadable)
+        taken = 0
+        for key, ips in found.attachments.items():
+            if self.state.get(key) is not None:
+                continue  # the journal speaks for it
+            try:
+                self.state.put(key, ips)
+            except CapacityExceeded:
+                unreadable.append(f"{'/'.join(key)}: beyond --max-attachments")
+                continue
+            taken += 1
+        self.adopted = {"attachments": taken, "unreadable": len(unreadable)}
+        log.warning(
+            "%s, but table inet %s is in the kernel: adopted %d attachments from its element "
+            "comments; %d elements unreadable (they will be removed)",
+            "journal had problems" if self.journal_found else "no journal",
+            self.config.table,
+            taken,
+            len(unreadable),
+        )
+        for item in unreadable[:20]:
+            log.warning("not adopted: %s", item)
+
+    async def watch_events(self) -> None:
+        """Follow nftables events (see `events`); without them, the generation poll remains."""
+        if not isinstance(self.backend, KernelBackend):
+            return
+        try:
+            sock = await self.backend.open_event_socket()
+        except OSError as exc:
+            log.warning("cannot subscribe to nftables events (%s): polling only", exc)
+            return
+        self.events = EventWatcher(sock, table=self.config.table, sink=self.reconciler)
+        self.reconciler.drain_events = self.events.pump
+        try:
+            await self.events.run()
+        finally:
+            self.reconciler.drain_events = None
 
     def _seed_from_marker(self, marker: Entry) -> None:
         """Everything replayed so far was in the kernel at the marker's generation: hand that
@@ -190,6 +248,8 @@ class Daemon:
     def extra_status(self) -> dict[str, Any]:
         return {
             "journal_problems": self.journal_problems[:20],
+            "adopted": self.adopted,
+            "events": self.events.status() if self.events else {"subscribed": False},
             "metrics_address": self.metrics_address,
             "socket": self.config.socket,
             "state_dir": self.config.state_dir,
@@ -198,6 +258,8 @@ class Daemon:
     async def run(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
         self.load_journal()
+        if not self.journal_found or self.journal_problems:
+            await self.adopt_kernel_table()
         spooled = self.apply_spool()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -210,6 +272,7 @@ class Daemon:
             metrics=self.metrics,
             access=AccessPolicy(frozenset(self.config.allow_uid), frozenset(self.config.allow_gid)),
             apply_timeout=self.config.apply_timeout,
+            client_timeout=self.config.client_timeout,
             table=self.config.table,
             extra_status=self.extra_status,
             migrator=self.migrator,
@@ -218,10 +281,13 @@ class Daemon:
         await api_runner.setup()
         metrics_runner = await self._start_metrics()
         try:
-            await web.SockSite(api_runner, self.open_api_socket()).start()
+            await LimitedSockSite(
+                api_runner, self.open_api_socket(), max_connections=self.config.max_connections
+            ).start()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.reconciler.run(), name="reconciler")
                 tasks.create_task(self.reconciler.watch_generation(), name="generation-watch")
+                tasks.create_task(self.watch_events(), name="nft-events")
                 tasks.create_task(self._announce_ready(spooled), name="ready")
                 tasks.create_task(self._watch_spool(), name="spool-watch")
                 tasks.create_task(watchdog_loop(self.notifier, self.healthy), name="watchdog")

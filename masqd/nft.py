@@ -7,7 +7,9 @@
   library and as the reference in tests; `bench/` measures both (libnftables is several times
   faster for a one-element transaction, since it spares a process start).
 - pyroute2 for the generation id: one netlink round trip of microseconds, cheap enough to
-  poll several times a second, so drift is noticed without listing the table.
+  poll several times a second, so drift is noticed without listing the table;
+- the nftables event socket (`events`), opened in the worker thread so that it watches the
+  backend's network namespace.
 
 Every kernel call runs in one dedicated worker thread: libnftables blocks, and the event
 loop must keep accepting requests (which then coalesce into the next transaction). The thread
@@ -24,11 +26,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from masqd import ruleset
+from masqd import events, ruleset
 from masqd.plan import Transaction
 from masqd.ruleset import TableState
 
@@ -271,6 +274,11 @@ class KernelBackend:
 
     async def generation(self) -> int:
         result: int = await self._call(self._generation)
+        return result
+
+    async def open_event_socket(self) -> socket.socket:
+        """A socket subscribed to the nftables events of the backend's namespace (`events`)."""
+        result: socket.socket = await self._call(events.open_event_socket)
         return result
 
     async def run_json(self, payload: dict[str, Any]) -> str:

@@ -11,6 +11,13 @@ Two kinds of sync:
 - full: list the table, plan everything, and trust the listing as the new mirror. Used at
   start-up, on suspected drift, periodically, and after any failure.
 
+nftables events (`events`) arrive through `table_changed` (a batch touched our table: full
+sync, unless it is a generation we already know, such as our own transaction's echo),
+`other_tables_changed` (a batch elsewhere: the known generation moves on without a listing,
+when it is exactly the next one) and `events_lost`. The generation poll stays as the safety
+net; before it concludes that the generation moved under us it reads the events waiting
+(`drain_events`), which may show that the move was elsewhere.
+
 A kernel error never escapes: it is logged and counted, waiters keep waiting (bounded by
 their own timeout), readiness goes false, and the next attempt is a full sync after a
 backoff. A partial sync that fails is retried at once as a full sync, since a stale mirror
@@ -102,6 +109,10 @@ class Reconciler:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._next_resync = 0.0
         self.first_sync_done = asyncio.Event()
+        # Events that touched our table while a sync ran: judged once it has written.
+        self._events_during_sync: list[int | None] = []
+        # Reads the nftables events waiting, if something watches them (the daemon sets it).
+        self.drain_events: Callable[[], None] | None = None
 
     # ---- what the API and daemon use -----------------------------------------------------
 
@@ -271,6 +282,7 @@ class Reconciler:
         finally:
             self._syncing = False
             self._sync_started = None
+            self._judge_held_events()
             elapsed = loop.time() - started
             self.metrics.sync_duration.labels(kind=kind).observe(elapsed)
             self.metrics.last_sync.set(self._wall())
@@ -444,6 +456,10 @@ class Reconciler:
             except Exception as exc:
                 log.debug("reading the ruleset generation failed: %s", exc)
                 continue
+            if generation != self._known_generation and self.drain_events is not None:
+                # The events of the batches behind this generation are already queued (the
+                # kernel sends them before the commit returns): they may show it was elsewhere.
+                self.drain_events()
             if not self._syncing and generation != self._known_generation:
                 log.info(
                     "ruleset generation moved (%s -> %s): checking table inet %s",
@@ -452,6 +468,36 @@ class Reconciler:
                     self.table,
                 )
                 self.request_full("generation")
+
+    # ---- nftables events (see `events`) ----------------------------------------------------
+
+    def table_changed(self, generation: int | None) -> None:
+        """A committed batch touched our table (generation None: unknown)."""
+        if self._syncing:
+            # Perhaps our own transaction: known only once the sync has written it.
+            self._events_during_sync.append(generation)
+            return
+        known = self._known_generation
+        if generation is not None and known is not None and generation <= known:
+            return  # our own transaction, or seen by a listing since
+        self.request_full("nftables event")
+
+    def other_tables_changed(self, generation: int) -> bool:
+        """A committed batch touched only other tables. If it made exactly the generation after
+        the one we know, our mirror is still exact at the new one: no listing needed. True
+        when the known generation moved on."""
+        if self._syncing or self._full_needed or self._known_generation != generation - 1:
+            return False
+        self._known_generation = generation
+        return True
+
+    def events_lost(self) -> None:
+        self.request_full("nftables events lost")
+
+    def _judge_held_events(self) -> None:
+        held, self._events_during_sync = self._events_during_sync, []
+        for generation in held:
+            self.table_changed(generation)
 
 
 @dataclass
