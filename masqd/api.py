@@ -318,7 +318,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     ctx = request.app[CONTEXT]
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    started = request.loop.time()
+    # asyncio's clock; aiohttp deprecates request.loop (a DeprecationWarning per request).
+    started = asyncio.get_running_loop().time()
     response: web.StreamResponse
     creds = peer_credentials(request)
     if creds is not None and not ctx.access.allows(creds[1], creds[2]):
@@ -338,7 +339,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     ctx.metrics.api_requests.labels(
         route=route, method=request.method, code=str(response.status)
     ).inc()
-    ctx.metrics.api_duration.labels(route=route).observe(request.loop.time() - started)
+    ctx.metrics.api_duration.labels(route=route).observe(
+        asyncio.get_running_loop().time() - started
+    )
     return response
 
 
