@@ -126,6 +126,10 @@ class FakeBackend:
         """Make the next `count` applies raise NftError(message), changing nothing."""
         self._failures.extend([message] * count)
 
+    def heal(self) -> None:
+        """Drop the injected failures still pending: nftables works again."""
+        self._failures.clear()
+
     @property
     def failures_pending(self) -> int:
         return len(self._failures)

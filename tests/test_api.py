@@ -8,18 +8,26 @@ listing (handles included) before and after, so "changes nothing" means nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from masqd.ruleset import LOCAL4, LOCAL6, SOURCES4, SOURCES6
+from masqd.api import ApiContext, build_app
+from masqd.metrics import Metrics
+from masqd.nft_fake import FakeBackend
+from masqd.reconciler import Reconciler
+from masqd.ruleset import LOCAL4, LOCAL6, SOURCES4, SOURCES6, Policy
+from masqd.state import DesiredState
 from tests.daemon import (
+    AsyncClient,
     Client,
     MasqdProcess,
     Response,
@@ -28,6 +36,7 @@ from tests.daemon import (
     nft_listing,
     running_masqd,
     set_elements,
+    short_workdir,
 )
 
 pytestmark = pytest.mark.kernel
@@ -461,3 +470,57 @@ def test_stopping_leaves_the_table_and_a_restart_changes_nothing(daemon: MasqdPr
     daemon.start()
     assert [a["container_id"] for a in daemon.client.attachments()] == ["c1"]
     assert nft_listing(daemon.ns) == listing  # same handles: nothing was rewritten
+
+
+# ---- when the kernel refuses: the API layer on the fake backend, in-process ---------------
+
+
+@contextlib.asynccontextmanager
+async def api_on_fake(backend: FakeBackend) -> AsyncIterator[AsyncClient]:
+    """The real API app and reconciler over `backend`, on a Unix socket, with a short
+    apply timeout so that a refused change answers 503 quickly."""
+    state = DesiredState()
+    metrics = Metrics()
+    reconciler = Reconciler(
+        state=state, backend=backend, table="masqd", policy=Policy(), metrics=metrics
+    )
+    ctx = ApiContext(state=state, reconciler=reconciler, metrics=metrics, apply_timeout=0.3)
+    runner = web.AppRunner(build_app(ctx), access_log=None)
+    await runner.setup()
+    workdir = short_workdir()
+    path = str(workdir / "api.sock")
+    task = asyncio.create_task(reconciler.run())
+    try:
+        await web.UnixSite(runner, path).start()
+        await asyncio.wait_for(reconciler.first_sync_done.wait(), 5)
+        async with AsyncClient(path) as client:
+            yield client
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await runner.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_a_change_the_kernel_refuses_answers_503_and_unready_until_it_recovers() -> None:
+    backend = FakeBackend()
+    async with api_on_fake(backend) as client:
+        assert await client.request("GET", "/readyz") == (200, {"ready": True})
+        backend.fail_next(1000, "Error: Could not process rule: Cannot allocate memory")
+        status, body = await client.put_attachment("n", "c1", "eth0", ["198.18.50.2/24"])
+        assert status == 503
+        assert isinstance(body, dict) and "Cannot allocate memory" in body["error"]
+        status, body = await client.request("GET", "/readyz")
+        assert (
+            status == 503 and body["ready"] is False and "Cannot allocate memory" in body["reason"]
+        )
+        backend.heal()
+        # The change was accepted, only not confirmed: the next retry (after its backoff)
+        # applies it and readiness comes back.
+        async with asyncio.timeout(5):
+            while (await client.request("GET", "/readyz"))[0] != 200:  # noqa: ASYNC110 - polling the API as a client does
+                await asyncio.sleep(0.05)
+        assert "198.18.50.2" in backend.state().sets[SOURCES4]
+        status, body = await client.put_attachment("n", "c2", "eth0", ["198.18.50.3/24"])
+        assert status == 200, body
