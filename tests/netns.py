@@ -175,5 +175,5 @@ def topology(containers: int = 1) -> Iterator[Topology]:
             ns_run(ctr, "ip", "-6", "route", "add", "default", "via", f"2001:db8:{n}::1")
             topo.containers.append(end)
         server = start_echo_server(outside)
-        stack.callback(server.kill)
+        stack.callback(lambda: (server.kill(), server.wait()))
         yield topo

@@ -170,10 +170,6 @@ class _Prober(threading.Thread):
             n += 1
 
 
-# tests.netns.topology kills its echo server without reaping it; Popen.__del__ then warns.
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <function Popen.__del__:pytest.PytestUnraisableExceptionWarning"
-)
 @pytest.mark.slow
 def test_traffic_stays_masqueraded_while_the_daemon_is_down_and_across_restarts(
     daemon_factory: DaemonFactory,
