@@ -73,7 +73,7 @@ def test_name_length_bounds() -> None:
 _CNI = re.compile(CNI_NAME_PATTERN)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.text(max_size=70))
 def test_a_network_name_is_valid_exactly_when_it_matches_the_cni_pattern(name: str) -> None:
     expected = 1 <= len(name) <= MAX_NETWORK_NAME and _CNI.fullmatch(name) is not None
@@ -139,7 +139,7 @@ def _ifname_ok(name: str) -> bool:
     )
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.text(max_size=20))
 def test_an_interface_name_is_valid_exactly_by_the_kernels_rules(name: str) -> None:
     try:
@@ -150,7 +150,7 @@ def test_an_interface_name_is_valid_exactly_by_the_kernels_rules(name: str) -> N
     assert accepted == _ifname_ok(name)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.one_of(st.text(max_size=70), st.sampled_from(GOOD_NAMES + BAD_NAMES)),
     st.one_of(st.text(max_size=20), st.sampled_from(GOOD_NAMES)),
@@ -308,7 +308,7 @@ def unicast_interfaces(draw: st.DrawFn) -> str:
     return f"{addr}/{prefix}"
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(unicast_interfaces())
 def test_an_ip_is_accepted_exactly_when_it_is_plain_unicast(ip: str) -> None:
     addr = ipaddress.ip_interface(ip).ip

@@ -213,7 +213,7 @@ def test_long_owner_comments_are_cut_and_marked() -> None:
     assert ruleset.parse_owner_comment(ruleset.owner_comment("n", "c", "e")) == ("n", "c", "e")
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(0, 32))
 def test_the_ipv4_fast_path_agrees_with_ipaddress(value: int, prefix: int) -> None:
     ip = f"{ipaddress.IPv4Address(value)}/{prefix}"
@@ -224,7 +224,7 @@ def test_the_ipv4_fast_path_agrees_with_ipaddress(value: int, prefix: int) -> No
 # ---- properties of plan -----------------------------------------------------------------
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(attachment_maps(), policies)
 def test_plan_of_a_table_against_itself_is_empty(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy
@@ -236,7 +236,7 @@ def test_plan_of_a_table_against_itself_is_empty(
     assert plan.plan(desired, desired, table=TABLE, policy=policy, touched=set()).empty
 
 
-@settings(max_examples=120)
+@settings(max_examples=120, deadline=None)
 @given(attachment_maps(), policies, observed_tables())
 def test_applying_the_plan_to_the_observed_table_gives_the_desired_one(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy, observed: TableState
@@ -250,7 +250,7 @@ def test_applying_the_plan_to_the_observed_table_gives_the_desired_one(
     assert result is not observed
 
 
-@settings(max_examples=120)
+@settings(max_examples=120, deadline=None)
 @given(attachment_maps(), policies, observed_tables())
 def test_the_plan_is_minimal(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy, observed: TableState
@@ -279,7 +279,7 @@ def test_the_plan_is_minimal(
     assert tx.element_changes == len(deleted) + len(added)
 
 
-@settings(max_examples=120)
+@settings(max_examples=120, deadline=None)
 @given(
     attachment_maps(), policies, observed_tables(), st.sets(st.sampled_from(["198.18.9.9", "x"]))
 )
@@ -298,7 +298,7 @@ def test_a_partial_plan_that_covers_every_difference_equals_the_full_plan(
     assert as_sets(partial.delete) == as_sets(full.delete)
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(attachment_maps(), policies)
 def test_a_partial_plan_ignores_keys_it_was_not_told_about(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy
