@@ -1,4 +1,5 @@
-"""Shared fixtures: fresh namespaces, the real daemon in one, the fake nftables backend.
+"""Shared fixtures: fresh namespaces, the real daemon in one, the fake nftables backend;
+the hypothesis profile.
 
 Kernel tests (marker `kernel`) need root and nftables; they are skipped, with the reason,
 where those are missing. When a test that ran a daemon fails, the daemon's log tail is added
@@ -13,12 +14,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from masqd.nft_fake import FakeBackend
 from tests.daemon import MasqdProcess, running_masqd
 from tests.netns import netns
 
 _DAEMONS = pytest.StashKey[list[MasqdProcess]]()
+
+# CI runs on two shared cores: time per example says nothing about correctness there.
+settings.register_profile(
+    "masqd", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("masqd")
 
 
 def _kernel_unavailable() -> str | None:
