@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -461,11 +462,14 @@ def test_a_refused_reput_keeps_the_old_ips(shared: MasqdProcess, client: Client)
 # ---- lifecycle ------------------------------------------------------------------------------
 
 
-def test_stopping_leaves_the_table_and_a_restart_changes_nothing(daemon: MasqdProcess) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_leaves_the_table_and_a_restart_changes_nothing(
+    daemon: MasqdProcess, sig: signal.Signals
+) -> None:
     client = daemon.client
     ok(client.put_attachment("life", "c1", "eth0", ["198.18.32.2/24", "2001:db8:32::2/64"]))
     listing = nft_listing(daemon.ns)
-    assert daemon.stop() == 0
+    assert daemon.kill(sig) == 0
     assert nft_listing(daemon.ns) == listing  # SIGTERM: the table stays, containers keep working
     daemon.start()
     assert [a["container_id"] for a in daemon.client.attachments()] == ["c1"]
