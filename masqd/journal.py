@@ -215,7 +215,8 @@ class Journal:
         """Write every attachment as the new snapshot, then start an empty journal."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.snapshot_path.with_suffix(".tmp")
-        with open(tmp, "wb") as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as out:
             out.write(_line({"format": FORMAT_VERSION}))
             chunk: list[bytes] = []
             for key, ips in records:

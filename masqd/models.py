@@ -23,10 +23,11 @@ MAX_IFNAME_BYTES = 15  # IFNAMSIZ - 1
 
 # The CNI spec's pattern for network names and container IDs.
 CNI_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
-# The kernel's own rule (dev_valid_name), plus NUL: a C string cannot hold one, and nftables
-# refuses a whole JSON batch with "\u0000" in an element comment, so one such name would stop
-# every later sync.
-_IFNAME_FORBIDDEN = re.compile(r"[/:\s\x00]")
+# The kernel's own rule (dev_valid_name), plus NUL (nftables refuses a whole batch with
+# "\u0000" in an element comment, so one such name would stop every later sync), plus quotes,
+# backslashes and control characters: the name lands in element comments that `nft list`
+# prints unescaped.
+_IFNAME_FORBIDDEN = re.compile(r'[/:\s\x00-\x1f\x7f"\\]')
 
 MULTICAST4 = ipaddress.IPv4Network("224.0.0.0/4")
 MULTICAST6 = ipaddress.IPv6Network("ff00::/8")
@@ -39,7 +40,9 @@ def _check_ifname(value: str) -> str:
     if value in (".", ".."):
         raise ValueError("interface name must not be '.' or '..'")
     if _IFNAME_FORBIDDEN.search(value):
-        raise ValueError("interface name must not contain '/', ':', whitespace or NUL")
+        raise ValueError(
+            "interface name must not contain '/', ':', '\"', '\\', whitespace or control characters"
+        )
     return value
 
 

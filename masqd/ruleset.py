@@ -266,7 +266,10 @@ def _cidrs(value: Any) -> list[str]:
     return [_cidr(value)]
 
 
-def parse_elements(set_name: str, listed: list[Any]) -> dict[str, Element]:
+def parse_elements(
+    set_name: str, listed: list[Any], duplicates: list[str] | None = None
+) -> dict[str, Element]:
+    """A set's listed elements by key; keys listed more than once go to `duplicates`."""
     out: dict[str, Element] = {}
     for item in listed:
         comment = None
@@ -279,6 +282,8 @@ def parse_elements(set_name: str, listed: list[Any]) -> dict[str, Element]:
                 raise UnexpectedListing(f"unexpected {set_name} element {value!r}")
             addr_v, subnet_v = value["concat"]
             addr = addr_v if isinstance(addr_v, str) else _cidr(addr_v).split("/")[0]
+            if duplicates is not None and addr in out:
+                duplicates.append(addr)
             out[addr] = Element(addr, _cidr(subnet_v), comment)
         elif set_name in EXEMPT_SETS:
             for cidr in _cidrs(value):
@@ -316,7 +321,12 @@ def parse_table(table: str, listing: list[dict[str, Any]]) -> TableState:
                 )
             )
             if kind == "set" and name in elements:
-                elements[name] = parse_elements(name, spec.get("elem", []))
+                duplicates: list[str] = []
+                elements[name] = parse_elements(name, spec.get("elem", []), duplicates)
+                # The kernel accepts a local element whose subnet encloses one it holds, and
+                # deletes match the first point only: element operations cannot repair an
+                # address listed twice, so it counts as damage to the structure (replace).
+                sets.update((f"duplicate:{name}:{addr}", "", ()) for addr in duplicates)
         elif "chain" in obj:
             c = obj["chain"]
             chains.add((c["name"], c.get("type"), c.get("hook"), c.get("prio"), c.get("policy")))

@@ -44,6 +44,9 @@ def netns(role: str = "ns") -> Iterator[str]:
     try:
         ns_run(name, "ip", "link", "set", "lo", "up")
         ns_run(name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0")
+        # No duplicate address detection: fresh veths would drop IPv6 for ~2 s otherwise.
+        ns_run(name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
+        ns_run(name, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
         yield name
     finally:
         # Kill anything still running inside (a daemon that a failed test left behind).
@@ -175,5 +178,6 @@ def topology(containers: int = 1) -> Iterator[Topology]:
             ns_run(ctr, "ip", "-6", "route", "add", "default", "via", f"2001:db8:{n}::1")
             topo.containers.append(end)
         server = start_echo_server(outside)
-        stack.callback(lambda: (server.kill(), server.wait()))
+        stack.callback(server.wait)
+        stack.callback(server.kill)
         yield topo
