@@ -25,7 +25,9 @@ apt-deps:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	# compat: a plain path entry instead of setuptools' import hook, ~9 ms off every start
+	# (the CNI plugin is started once per container).
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 run: setup
