@@ -336,13 +336,17 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
                 allowed = exc.headers.get("Allow")
                 if allowed:
                     response.headers["Allow"] = allowed
-    ctx.metrics.api_requests.labels(
-        route=route, method=request.method, code=str(response.status)
-    ).inc()
-    ctx.metrics.api_duration.labels(route=route).observe(
-        asyncio.get_running_loop().time() - started
-    )
+        except Exception:
+            # A bug: aiohttp logs it and answers 500; count that 500 too.
+            _observe(ctx, request, route, 500, started)
+            raise
+    _observe(ctx, request, route, response.status, started)
     return response
+
+
+def _observe(ctx: ApiContext, request: web.Request, route: str, code: int, started: float) -> None:
+    elapsed = asyncio.get_running_loop().time() - started
+    ctx.metrics.observe_request(route=route, method=request.method, code=code, seconds=elapsed)
 
 
 def build_app(ctx: ApiContext) -> web.Application:

@@ -373,14 +373,14 @@ class Daemon:
         await runner.setup()
         site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port))
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            addr = sockets[0].getsockname()
-            self.metrics_address = f"{addr[0]}:{addr[1]}"
+        # The bound address (port 0 picks one), as a URL's host:port: IPv6 in brackets.
+        if runner.addresses:
+            bound_host, bound_port = runner.addresses[0][:2]
+            if ":" in bound_host:
+                bound_host = f"[{bound_host}]"
+            self.metrics_address = f"{bound_host}:{bound_port}"
         log.info("metrics on http://%s/metrics", self.metrics_address)
         return runner
-
 
     # ---- SIGHUP and adoption -------------------------------------------------------------
 

@@ -86,6 +86,7 @@ class Reconciler:
         self.table = table
         self.journal = journal
         self.metrics = metrics
+        metrics.count_attachments(lambda: len(state))
         self.resync_interval = resync_interval
         self.generation_poll_interval = generation_poll_interval
         self._wall = wall_clock
@@ -386,7 +387,6 @@ class Reconciler:
         self._retry_at = None
         self._applied_version = max(self._applied_version, version)
         self.metrics.last_successful_sync.set(s.last_ok_time)
-        self.metrics.attachments.set(len(self.state))
         if self._mirror is not None:
             for family, count in _family_counts(self._mirror).items():
                 self.metrics.kernel_elements.labels(family=family).set(count)
