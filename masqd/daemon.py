@@ -52,7 +52,7 @@ from masqd.metrics import Metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentKey, key_problem
 from masqd.nft import Backend, KernelBackend, NftError
-from masqd.reconciler import Reconciler
+from masqd.reconciler import Reconciler, SyncUnavailable
 from masqd.ruleset import Policy
 from masqd.sdnotify import Notifier, watchdog_loop
 from masqd.state import CapacityExceeded, DesiredState
@@ -202,6 +202,19 @@ class Daemon:
         self.reconciler.seed(self.reconciler.baseline(elements), marker.generation)
         self.state.take_dirty()
 
+    def prepare_spool_dir(self) -> None:
+        """The DEL spool beside the socket, private; the socket's directory 0750 if new."""
+        socket_dir = os.path.dirname(os.path.abspath(self.config.socket))
+        if not os.path.isdir(socket_dir):
+            # Created here first, so the spool below does not create it with the umask's mode.
+            os.makedirs(socket_dir, mode=0o750)
+            os.chmod(socket_dir, 0o750)
+        try:
+            # Anyone who can write there can delete attachments: keep it private.
+            spool.ensure_spool_dir(self.spool_dir)
+        except OSError as exc:
+            log.warning("DEL spool %s: %s", self.spool_dir, exc)
+
     def apply_spool(self) -> list[str]:
         """Apply spooled DELs to the desired state; the spool files to remove once applied."""
         try:
@@ -260,6 +273,7 @@ class Daemon:
         self.load_journal()
         if not self.journal_found or self.journal_problems:
             await self.adopt_kernel_table()
+        self.prepare_spool_dir()
         spooled = self.apply_spool()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -332,19 +346,22 @@ class Daemon:
     async def _watch_spool(self) -> None:
         watcher = spool.SpoolWatcher(self.spool_dir)
         await self.reconciler.first_sync_done.wait()
+        retry = False  # entries applied but not confirmed: the directory may not change again
         while True:
             await asyncio.sleep(SPOOL_POLL_SECONDS)
-            if not watcher.poll():
+            if not (watcher.poll() or retry):
                 continue
             applied = self.apply_spool()
+            retry = False
             if not applied:
                 continue
             try:
                 await self.reconciler.wait_applied(
                     self.reconciler.request(), self.config.apply_timeout
                 )
-            except Exception as exc:
+            except SyncUnavailable as exc:
                 log.warning("spooled DELs not confirmed yet (%s); will retry", exc)
+                retry = True
                 continue
             for path in applied:
                 spool.remove(path)

@@ -239,10 +239,13 @@ class KernelBackend:
                 out = ""
             after = gen.read()
             if before == after:
-                listing = json.loads(out)["nftables"] if out.strip() else []
-                return Observation(ruleset.parse_table(self.table, listing), after)
-        # The ruleset kept changing under us; a listing is still a listing.
-        listing = json.loads(out)["nftables"] if out.strip() else []
+                break
+        # (If the ruleset kept changing under us, the last listing is still a listing.)
+        try:
+            listing = json.loads(out)["nftables"] if out.strip() else []
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            # nft 1.0.6 prints truncated JSON for a table owned by another process.
+            raise NftError(f"unreadable listing of table inet {self.table}: {exc}") from None
         return Observation(ruleset.parse_table(self.table, listing), after)
 
     def _apply(self, tx: Transaction) -> Applied:

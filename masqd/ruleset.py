@@ -295,6 +295,10 @@ def parse_elements(
     return out
 
 
+# The keys of a listed set that our own sets have; any other key is a difference.
+_SET_IDENTITY = frozenset({"family", "name", "table", "type", "handle", "flags", "elem"})
+
+
 def parse_table(table: str, listing: list[dict[str, Any]]) -> TableState:
     """The kernel's JSON listing of `table inet <table>` as a TableState.
 
@@ -313,9 +317,13 @@ def parse_table(table: str, listing: list[dict[str, Any]]) -> TableState:
             spec = obj.get("set") or obj["map"]
             kind = "map" if "map" in obj else "set"
             name = spec["name"]
+            # Anything else that shapes a set (size, timeout, policy, comment...) must be absent,
+            # as in ours: a look-alike `size 1` set would make every later sync fail.
+            extra = {k: v for k, v in spec.items() if k not in _SET_IDENTITY}
             sets.add(
                 (
-                    name if kind == "set" else f"map:{name}",
+                    (name if kind == "set" else f"map:{name}")
+                    + (f" {canonical(extra)}" if extra else ""),
                     canonical(spec.get("type")),
                     tuple(spec.get("flags", ())),
                 )
