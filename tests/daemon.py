@@ -12,12 +12,10 @@ requests. `kernel_table` and `nft_listing` read what the kernel holds in the nam
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from masqd import ruleset
+from masqd.cli import UnixHTTPConnection
 from masqd.ruleset import TableState
 from tests.netns import netns, nft
 
@@ -67,22 +66,6 @@ class Response:
         )
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("masqd", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class Client:
     """Blocking HTTP/1.1 over the daemon's Unix socket; one connection per request."""
 
@@ -106,7 +89,7 @@ class Client:
         sent = dict(headers or {})
         if data is not None:
             sent.setdefault("Content-Type", "application/json")
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixHTTPConnection(self.socket_path, self.timeout)
         try:
             if chunked and data is not None:
                 pieces = [data[i : i + 8192] for i in range(0, len(data), 8192)]
