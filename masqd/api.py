@@ -11,7 +11,7 @@ configured uids/gids get through, anyone else gets 403.
 Limits, so that no client can exhaust the daemon: request line and each header at most 8 KiB
 (and aiohttp's default of 128 headers), bodies at most 64 KiB (32 MiB for a GC), the IPs and
 names `models` allows, `--max-attachments`, at most `max_connections` open connections
-(`LimitedSockSite` answers 503 beyond), and `client_timeout` for slow or idle clients: the
+(`server.LimitedSockSite` answers 503 beyond), and `client_timeout` for slow or idle clients: the
 request line and headers must arrive within it from the connection's start (or from the
 previous answer on a kept-alive connection: aiohttp's keep-alive timer, which also covers a
 request still being received), and a body within it once the handler reads it.
@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from pydantic import BaseModel, ValidationError
 
 from masqd import __version__
@@ -372,100 +371,3 @@ def build_app(ctx: ApiContext) -> web.Application:
     app.router.add_get("/healthz", healthz, allow_head=False)
     app.router.add_get("/readyz", readyz, allow_head=False)
     return app
-
-
-# ---- connections --------------------------------------------------------------------------
-
-
-class LimitedSockSite(web.SockSite):
-    """The API's SockSite: it answers 503 and closes when `max_connections` are already open,
-    and serves each connection with `_JsonErrorHandler`.
-
-    Connections are counted at accept time from the server's registered ones, so a burst of
-    accepts in one loop turn can overshoot by at most the listen backlog.
-    """
-
-    def __init__(
-        self, runner: web.BaseRunner, sock: socket.socket, *, max_connections: int
-    ) -> None:
-        super().__init__(runner, sock)
-        self.max_connections = max_connections
-        self.refused = 0
-
-    async def start(self) -> None:
-        await super(web.SockSite, self).start()  # registers the site with its runner
-        server = self._runner.server
-        assert server is not None
-
-        loop = asyncio.get_running_loop()
-        # The handler arguments build_app set (sizes, timeouts), as aiohttp's Server keeps them.
-        handler_args: dict[str, Any] = dict(server._kwargs)
-
-        def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) >= self.max_connections:
-                self.refused += 1
-                return _Refused(self.max_connections)
-            return _JsonErrorHandler(server, loop=loop, **handler_args)
-
-        self._server = await loop.create_server(protocol, sock=self._sock, backlog=self._backlog)
-
-
-class _JsonErrorHandler(RequestHandler):
-    """aiohttp's connection handler, answering what aiohttp refuses before our middleware
-    sees the request (a malformed request line, an oversized header, a bad Content-Length, an
-    unknown `Expect` ...) in the API's JSON error shape. Logged at debug: a client's malformed
-    request is not the daemon's fault, and must not be a way to flood its log. A 500 (a bug
-    of ours) keeps aiohttp's error log."""
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status >= 500:
-            super().handle_error(request, status, exc, message)  # logs, with the traceback
-            text = "internal error (logged by the daemon)"
-        else:
-            text = " ".join((message or str(exc or "malformed request")).split())[:300]
-            log.debug("refused a malformed request (%d): %s", status, text)
-            if request.writer.output_size > 0:
-                raise ConnectionError("response already started; cannot send the error")
-        response = error(status, text)
-        response.force_close()
-        return response
-
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        if (
-            resp.status >= 400
-            and isinstance(resp, web.Response)
-            and not resp.prepared
-            and resp.content_type != "application/json"
-        ):
-            text = " ".join((resp.text or resp.reason).split())[:300]
-            replacement = error(resp.status, text)
-            if resp.keep_alive is False:
-                replacement.force_close()
-            resp = replacement
-        return await super().finish_response(request, resp, start_time)
-
-
-class _Refused(asyncio.Protocol):
-    """Answers one 503 and hangs up, without reading the request."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        message = f"too many connections: {self._limit} are open, the configured maximum"
-        body = ErrorBody(error=message).model_dump_json().encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        transport.write(head.encode() + body)
-        transport.close()

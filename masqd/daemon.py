@@ -37,7 +37,7 @@ from aiohttp import web
 
 from masqd import __version__, adopt, plan, spool
 from masqd.activation import listen_fds, unix_listener
-from masqd.api import AccessPolicy, ApiContext, LimitedSockSite, build_app
+from masqd.api import AccessPolicy, ApiContext, build_app
 from masqd.config import (
     ConfigError,
     ConfigLoader,
@@ -48,13 +48,14 @@ from masqd.config import (
 )
 from masqd.events import EventWatcher
 from masqd.journal import Entry, Journal
-from masqd.metrics import Metrics
+from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentKey, key_problem
 from masqd.nft import Backend, KernelBackend, NftError
 from masqd.reconciler import Reconciler, SyncUnavailable
 from masqd.ruleset import Policy
 from masqd.sdnotify import Notifier, watchdog_loop
+from masqd.server import LimitedSockSite
 from masqd.state import CapacityExceeded, DesiredState
 
 log = logging.getLogger(__name__)
@@ -369,33 +370,9 @@ class Daemon:
     async def _start_metrics(self) -> web.AppRunner | None:
         if not self.config.metrics_listen:
             return None
-        host, _, port = self.config.metrics_listen.rpartition(":")
-        app = web.Application()
-
-        async def metrics_handler(request: web.Request) -> web.Response:
-            body, content_type = self.metrics.exposition()
-            return web.Response(body=body, headers={"Content-Type": content_type})
-
-        async def healthz(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        async def readyz(request: web.Request) -> web.Response:
-            ready = self.reconciler.ready
-            return web.json_response({"ready": ready}, status=200 if ready else 503)
-
-        app.router.add_get("/metrics", metrics_handler)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port))
-        await site.start()
-        # The bound address (port 0 picks one), as a URL's host:port: IPv6 in brackets.
-        if runner.addresses:
-            bound_host, bound_port = runner.addresses[0][:2]
-            if ":" in bound_host:
-                bound_host = f"[{bound_host}]"
-            self.metrics_address = f"{bound_host}:{bound_port}"
+        runner, self.metrics_address = await serve_metrics(
+            self.metrics, self.config.metrics_listen, ready=lambda: self.reconciler.ready
+        )
         log.info("metrics on http://%s/metrics", self.metrics_address)
         return runner
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -129,3 +130,35 @@ class _WithoutCreated:
             created = family.name + "_created"
             family.samples = [s for s in family.samples if s.name != created]
             yield family
+
+
+async def serve_metrics(
+    metrics: Metrics, listen: str, *, ready: Callable[[], bool]
+) -> tuple[web.AppRunner, str]:
+    """Serve /metrics (and /healthz, /readyz, for probes that speak TCP) on HOST:PORT from
+    the running event loop. Returns the runner and the bound address as a URL's host:port
+    (port 0 picks a free port; IPv6 in brackets)."""
+    host, _, port = listen.rpartition(":")
+    app = web.Application()
+
+    async def exposition(request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        is_ready = ready()
+        return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
+
+    app.router.add_get("/metrics", exposition)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port)).start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    if ":" in bound_host:
+        bound_host = f"[{bound_host}]"
+    return runner, f"{bound_host}:{bound_port}"
