@@ -2,9 +2,10 @@
 
 The measurement itself lives in bench/cni_cold_start.py (written with the CNI plugin), as
 `run(attachments=1000, samples=50) -> dict`. This adapter calls it with tiny sizes under
---quick, turns its dict into the common `Result` (scalars become metric/value rows, lists
-of numbers are kept as series, a list of row dicts becomes the table) and plots the
-latency distribution when there is one, else its timing figures as bars.
+--quick and turns its dict into the common `Result`: numbers become metric/value rows,
+lists of numbers are kept as series, a list of row dicts becomes the table, the rest goes
+to the parameters. It plots the latency distributions when there are some, else its
+timing figures as bars.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def to_result(data: dict[str, Any], *, quick: bool, params: dict[str, Any]) -> R
             columns = list(dict.fromkeys(k for r in rows for k in r))
         elif isinstance(value, list) and all(_is_number(v) for v in value):
             series[key] = value
-        elif isinstance(value, str | int | float | bool) or value is None:
+        elif isinstance(value, int | float | bool) or value is None:
             extra[key] = value
         else:
             params[key] = value
@@ -65,19 +66,30 @@ def run(*, quick: bool, progress: Progress) -> Result:
     data = mod.run(**kwargs)
     if not isinstance(data, dict):
         raise TypeError(f"{MODULE}.run() returned {type(data).__name__}, expected dict")
-    return to_result(data, quick=quick, params=dict(kwargs))
+    result = to_result(data, quick=quick, params=dict(kwargs))
+    median, goal = data.get("median_ms"), data.get("goal_median_ms")
+    if isinstance(median, int | float) and isinstance(goal, int | float):
+        result.goal("masqd-cni ADD median", float(median), float(goal), "ms")
+    return result
 
 
 def plot(result: Result, path: Path) -> None:
     fig, (ax,) = plotting.figure()
     if result.series:
-        key = max(result.series, key=lambda k: len(result.series[k]))
-        ax.hist(
-            result.series[key], bins=min(40, max(5, len(result.series[key]) // 2)), color="tab:blue"
-        )
-        ax.set_xlabel(key)
+        everything = [v for values in result.series.values() for v in values]
+        lo, hi = min(everything), max(everything)
+        bins = min(40, max(5, len(everything) // 4))
+        edges = [lo + i * (hi - lo) / bins for i in range(bins + 1)] if hi > lo else bins
+        for key, values in result.series.items():
+            ax.hist(values, bins=edges, alpha=0.6, label=key)
+        for g in result.goals:
+            ax.axvline(
+                g.limit, color="tab:red", linestyle=":", label=f"goal: median < {g.limit:g} ms"
+            )
+        ax.set_xlabel("ms from spawn to exit")
         ax.set_ylabel("ADDs")
-    else:
+        ax.legend(fontsize=8)
+    else:  # no samples: the scalar timings as bars
         numbers = {
             str(r.get("metric", i)): r["value"]
             for i, r in enumerate(result.rows)

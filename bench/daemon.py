@@ -77,10 +77,19 @@ class Daemon:
 
     def start(self) -> float:
         """Start the daemon; seconds from spawn until /readyz answers 200."""
+        t0 = time.perf_counter()
+        self.start_detached()
+        return self.wait_ready(t0)
+
+    def start_detached(self) -> None:
+        """Spawn the daemon and return at once (see `wait_ready`)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
-            t0 = time.perf_counter()
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=REPO_ROOT)
+
+    def wait_ready(self, t0: float) -> float:
+        """Poll /readyz until it answers 200; seconds since `t0` (a perf_counter reading)."""
+        assert self.proc is not None
         deadline = t0 + READY_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -126,6 +135,13 @@ class Daemon:
         """The reconciler's sync counters (total, full, partial, failures) from /v1/status."""
         syncs: dict[str, int] = self.status()["syncs"]
         return syncs
+
+    def timed(self, method: str, a: Attachment) -> tuple[float, int]:
+        """(seconds until answered, HTTP status) of one PUT or DELETE on a fresh connection."""
+        payload = {"ips": list(a.ips)} if method == "PUT" else None
+        t0 = time.perf_counter()
+        resp = client.request(self.socket, method, a.path, payload)
+        return time.perf_counter() - t0, resp.status
 
     def put(self, a: Attachment) -> float:
         """One PUT on a fresh connection, as a CNI plugin makes it; seconds until answered."""

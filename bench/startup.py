@@ -29,7 +29,7 @@ def _expected_counts(n: int) -> dict[str, int]:
     return {"sources4": n, "local4": n, "sources6": n, "local6": n}
 
 
-def _wait_repaired(d: daemon.Daemon, syncs_before: int, n: int) -> float:
+def wait_repaired(d: daemon.Daemon, syncs_before: int, n: int) -> float:
     """Seconds until a sync after `syncs_before` succeeded with 2n elements in the kernel."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < REPAIR_TIMEOUT:
@@ -74,7 +74,7 @@ def run(*, quick: bool, progress: Progress) -> Result:
 
         before = d.syncs()["total"]
         nft(d.ns, "delete", "table", "inet", daemon.TABLE)
-        repair_s = _wait_repaired(d, before, n)
+        repair_s = wait_repaired(d, before, n)
         _check_kernel(d, n)
         after = d.syncs()
         progress("table deleted and repaired", f"{repair_s:.2f} s")

@@ -37,7 +37,7 @@ COMMON_KEYS = {
 
 # Row keys each benchmark must produce (the README's tables and plots read them).
 ROW_KEYS: dict[str, set[str]] = {
-    "setup-latency": {"attachments", "p50_ms", "p99_ms"},
+    "setup-latency": {"attachments", "put_p50_ms", "put_p99_ms", "del_p50_ms"},
     "burst": {"setups", "wall_s", "setups_per_s", "transactions"},
     "startup": {"attachments", "start_to_ready_s", "repair_s", "rss_restarted_mib"},
     "idle-cpu": {"attachments", "window_s", "cpu_percent", "syncs"},
