@@ -221,16 +221,21 @@ def run(*, quick: bool, progress: Progress) -> Result:
 def plot(result: Result, path: Path) -> None:
     fig, (ax,) = plotting.figure()
     rows = result.rows
-    # masqd's labels above its points, the per-rule ones below: they start at the same place.
-    for kind, color, dy in (("masqd", "tab:blue", 6), ("per-rule", "tab:orange", -13)):
+    rate = {(r["table"], r["attachments"]): r["conn_per_s"] for r in rows}
+    for kind, other, color in (
+        ("masqd", "per-rule", "tab:blue"),
+        ("per-rule", "masqd", "tab:orange"),
+    ):
         xs = plotting.column(rows, "attachments", table=kind)
         ys = plotting.column(rows, "conn_per_s", table=kind)
         label = "masqd (sets)" if kind == "masqd" else "CNI plugins (rule per attachment)"
         ax.plot(xs, ys, marker="o", color=color, label=label)
         for x, y in zip(xs, ys, strict=True):
+            # The higher of the two points at x is labelled above, the lower one below.
+            dy = 6 if y >= rate.get((other, x), 0.0) else -13
             ax.annotate(
                 f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(0, dy), ha="center",
-                fontsize=8,
+                fontsize=8, color=color,
             )  # fmt: skip
     ceiling = plotting.column(rows, "conn_per_s", table="none")
     if ceiling:

@@ -7,6 +7,7 @@ function (inclusive and self), with py-spy's idle samples (a thread pool waiting
 the event loop in epoll) left out:
 
   put      sequential PUTs of new attachments, each on a fresh connection
+  burst    --ops new attachments from 64 concurrent clients (as `bench burst`)
   delete   sequential DELETEs of attachments added (unprofiled) for the purpose
   startup  SIGTERM, restart, profile from spawn until /readyz answers 200
   repair   `nft delete table inet masqd`, profile until the table is whole again
@@ -36,7 +37,6 @@ from tests.netns import nft
 
 PY_SPY = REPO_ROOT / ".venv" / "bin" / "py-spy"
 DAEMON_ARGS = ("--max-attachments", "200000")
-TIMED_BASE = MAX_ATTACHMENTS - 2000
 # Leaf frames that mean "waiting for work", not "working".
 _IDLE_LEAVES = ("_worker (concurrent/futures/thread.py:81)", "select (selectors.py:")
 
@@ -102,11 +102,12 @@ def run(scenario: str, n: int, ops: int, rate: int, raw: Path, progress: Progres
     with daemon.running(DAEMON_ARGS) as d:
         d.fill(list(attachments(0, n)), progress=progress)
         progress("filled", f"{n:,} attachments")
-        timed = [attachment(TIMED_BASE + k, prefix="p") for k in range(ops)]
+        # The profiled operations' attachments follow the fill's: new ones, none shared.
+        timed = [attachment(n + k, prefix="p") for k in range(ops)]
         if scenario == "delete":
             d.fill(timed)
         time.sleep(2.0)
-        operations, note = ops, ""
+        operations, note, note_cpu = ops, "", ""
         if scenario == "startup":
             d.stop()
             operations = 1
@@ -123,6 +124,10 @@ def run(scenario: str, n: int, ops: int, rate: int, raw: Path, progress: Progres
             t0 = time.perf_counter()
             if scenario == "put":
                 lat = [d.put(a) for a in timed]
+            elif scenario == "burst":
+                cpu0 = d.cpu_seconds()
+                wall_s, lat = daemon.burst(d, timed, 64)
+                note_cpu = f"; daemon CPU {100 * (d.cpu_seconds() - cpu0) / wall_s:.0f}% of a core"
             elif scenario == "delete":
                 lat = [d.delete(a) for a in timed]
             elif scenario == "repair":
@@ -138,20 +143,22 @@ def run(scenario: str, n: int, ops: int, rate: int, raw: Path, progress: Progres
             lat.sort()
             note = (
                 f"{len(lat)} operation(s) in {wall:.2f} s; p50 {lat[len(lat) // 2] * 1e3:.2f} ms,"
-                f" max {lat[-1] * 1e3:.2f} ms (py-spy slows the daemon down)"
+                f" max {lat[-1] * 1e3:.2f} ms{note_cpu} (py-spy slows the daemon down)"
             )
     return f"{scenario} at {n:,} attachments: {note}\n" + summarize(raw, operations, rate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    parser.add_argument("scenario", choices=["put", "delete", "startup", "repair", "idle"])
+    parser.add_argument("scenario", choices=["put", "burst", "delete", "startup", "repair", "idle"])
     parser.add_argument("--attachments", type=int, default=100_000)
     parser.add_argument("--ops", type=int, default=200, help="operations (idle: seconds)")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
     args = parser.parse_args(argv)
     py_spy()
+    if args.attachments + args.ops > MAX_ATTACHMENTS:
+        parser.error(f"--attachments + --ops must stay within {MAX_ATTACHMENTS:,}")
     with tempfile.TemporaryDirectory() as tmp:
         raw = args.raw or Path(tmp) / "profile.txt"
         report = run(args.scenario, args.attachments, args.ops, args.rate, raw, Progress("profile"))
