@@ -66,7 +66,14 @@ class Result:
 
 def machine_info() -> dict[str, Any]:
     nft = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=False)
+    git = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return {
+        "commit": git.stdout.strip() or "unknown",
         "note": MACHINE_NOTE,
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
