@@ -7,7 +7,9 @@ rotting. Each runs in-process through the same entry point as `python -m bench N
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -18,10 +20,9 @@ import pytest
 from bench import BENCHMARKS
 from bench.__main__ import main, run_one
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="benchmarks build network namespaces: root only"),
-]
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="benchmarks build network namespaces: root only"
+)
 
 COMMON_KEYS = {
     "benchmark",
@@ -58,6 +59,8 @@ def test_every_benchmark_has_a_smoke_check() -> None:
     assert set(ROW_KEYS) == set(BENCHMARKS)
 
 
+@pytest.mark.kernel
+@needs_root
 @pytest.mark.parametrize("name", list(BENCHMARKS))
 def test_quick_run_writes_json_with_expected_keys_and_a_png(name: str, tmp_path: Path) -> None:
     if name == "cni-cold-start" and importlib.util.find_spec("bench.cni_cold_start") is None:
@@ -86,8 +89,63 @@ def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -
     assert "unknown benchmark" in capsys.readouterr().err
 
 
+@pytest.mark.kernel
+@needs_root
 def test_replot_redraws_from_json_without_measuring(tmp_path: Path) -> None:
     run_one("burst", quick=True, out=tmp_path)
     (tmp_path / "burst.png").unlink()
     assert main(["burst", "--replot", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "burst.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ---- the pieces the figures rest on, without a kernel ------------------------------------
+
+
+def test_per_rule_comment_is_the_cni_plugins_hash_then_the_readable_part() -> None:
+    from bench import perrule
+
+    comment = perrule.comment_for_instance("mynet", "eth0", "abc")
+    network_hash = hashlib.sha512(b"mynet").hexdigest()[:16]
+    instance_hash = hashlib.sha512(b"eth0:abc").hexdigest()[:16]
+    assert comment == f"{network_hash}-{instance_hash}, net: mynet, if: eth0, id: abc"
+    assert len(perrule.comment_for_instance("n", "eth0", "x" * 300)) == 128
+
+
+def test_per_rule_add_transaction_ensures_chains_refills_postrouting_and_drops_stale_rules() -> (
+    None
+):
+    from bench import perrule
+    from bench.addresses import attachment
+
+    lines = perrule.add_transaction(attachment(0), stale_handles=[7]).splitlines()
+    assert lines[3] == "flush chain inet cni_plugins_masquerade postrouting"
+    assert lines[6] == "add rule inet cni_plugins_masquerade postrouting goto masq_checks"
+    assert lines[7] == "delete rule inet cni_plugins_masquerade masq_checks handle 7"
+    assert lines[8].startswith(
+        "add rule inet cni_plugins_masquerade masq_checks "
+        "ip saddr == 198.18.0.1 ip daddr != 198.18.0.0/16 masquerade comment "
+    )
+    assert "ip6 saddr == 2001:db8::1 ip6 daddr != 2001:db8::/64 masquerade" in lines[9]
+
+
+def test_benchmark_addresses_are_unique_host_addresses_of_the_benchmark_ranges() -> None:
+    from bench.addresses import MAX_ATTACHMENTS, attachment, attachments
+
+    every = [a.ips for a in attachments(0, MAX_ATTACHMENTS)]
+    assert len({ips[0] for ips in every}) == len({ips[1] for ips in every}) == MAX_ATTACHMENTS
+    assert MAX_ATTACHMENTS >= 100_000
+    # Around the /16 boundary and a stride through the rest (parsing all would take seconds).
+    sample = [*range(0, MAX_ATTACHMENTS, 997), 65532, 65533, 65534, 65535, MAX_ATTACHMENTS - 1]
+    for i in sample:
+        iface4, iface6 = (ipaddress.ip_interface(ip) for ip in attachment(i).ips)
+        assert iface4 in ipaddress.ip_network("198.18.0.0/15") and iface4.network.prefixlen == 16
+        assert iface4.ip not in (iface4.network.network_address, iface4.network.broadcast_address)
+        assert iface6.ip in ipaddress.ip_network("2001:db8::/32")
+
+
+def test_percentile_interpolates_between_closest_ranks() -> None:
+    from bench.harness import percentile
+
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    assert percentile(list(map(float, range(101))), 99) == 99.0
