@@ -76,6 +76,9 @@ def parse_ip(value: str) -> str:
         raise ValueError(f"{value!r} is the broadcast address")
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         raise ValueError(f"{value!r} is an IPv4-mapped IPv6 address; give the IPv4 address instead")
+    if isinstance(addr, ipaddress.IPv6Address) and int(addr) >> 32 == 0:
+        # ::a.b.c.d (RFC 4291 deprecates it); nft would print it in a form Python does not.
+        raise ValueError(f"{value!r} is an IPv4-compatible IPv6 address (deprecated)")
     return f"{addr}/{iface.network.prefixlen}"
 
 

@@ -324,9 +324,11 @@ class Reconciler:
         """Plan, journal, apply. True when a full sync found the kernel differing from what
         masqd had last written (drift)."""
         drifted = False
+        listed = False
         if full:
             observed = await self._observe(reason)
-            if self._mirror is not None and observed is not self._mirror:
+            listed = observed is not self._mirror
+            if self._mirror is not None and listed:
                 drifted = not _same_table(observed, self._mirror)
             mirror = observed
         else:
@@ -339,9 +341,15 @@ class Reconciler:
         taken.pending = pending = self.journal.take_pending() if self.journal else []
         policy = self.policy
         desired = TableState(self._structure, self.state.table_sets(policy))
+        # Without a fresh listing the mirror is exact and only the changed keys can differ:
+        # comparing 400,000 elements every resync was most of an idle daemon's CPU.
         tx = plan.plan(
-            desired, mirror, table=self.table, policy=policy, touched=None if full else dirty
+            desired, mirror, table=self.table, policy=policy, touched=dirty if not listed else None
         )
+        if listed:
+            # After the commit the kernel holds the desired elements as planned: keep those
+            # objects instead of the listing's copies (one copy of 100,000s of elements, not two).
+            planned = {name: dict(elems) for name, elems in desired.sets.items()}
         if pending and self.journal is not None:
             # Durable before the kernel has it: an acknowledged change survives a crash.
             await asyncio.to_thread(self.journal.write_pending, pending)
@@ -352,6 +360,8 @@ class Reconciler:
             if not applied.exclusive:
                 # Someone else committed around our transaction: check with a full sync.
                 self.request_full("concurrent change")
+        if listed:
+            mirror = TableState(mirror.structure, planned)
         self._mirror = mirror
         self.applied_policy = policy
         self.stats.last_tx_elements = tx.element_changes

@@ -206,6 +206,7 @@ BAD_IPS = {
     "link-local v6": "fe80::1/64",
     "broadcast": "255.255.255.255/32",
     "v4-mapped": "::ffff:10.22.0.5/96",
+    "v4-compatible": "::10.22.0.5/96",
 }
 
 
@@ -322,6 +323,8 @@ def test_an_ip_is_accepted_exactly_when_it_is_plain_unicast(ip: str) -> None:
         or addr.is_link_local
         or str(addr) == "255.255.255.255"
         or (isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None)
+        # IPv4-compatible (::a.b.c.d), deprecated: nft prints it unlike Python.
+        or (isinstance(addr, ipaddress.IPv6Address) and int(addr) >> 32 == 0)
     )
     try:
         canonical = parse_ip(ip)
