@@ -17,4 +17,5 @@ BENCHMARKS: dict[str, str] = {
     "conn-rate": "bench.conn_rate",
     "per-op": "bench.per_op",
     "cni-cold-start": "bench.cold_start",
+    "nft-runner": "bench.nft_runner",
 }

@@ -26,7 +26,6 @@ namespace switch of `ip netns exec` added to each call.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import ipaddress
 import json
 import subprocess
@@ -36,37 +35,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from bench.addresses import Attachment, attachment
+from masqd.migrate import comment_for_instance, hash_for_instance
 
 TABLE = "cni_plugins_masquerade"
 CHAIN = "masq_checks"
 TABLE_COMMENT = "Masquerading for plugins from github.com/containernetworking/plugins"
 CHAIN_COMMENT = "Masquerade traffic from certain IPs to any (non-multicast) IP outside their subnet"
-COMMENT_LENGTH_MAX = 128  # knftables.CommentLengthMax
-
-
-def _hash16(value: str) -> str:
-    # utils.MustFormatHashWithPrefix(16, "", value): hex of sha512, first 16 characters.
-    return hashlib.sha512(value.encode()).hexdigest()[:16]
-
-
-def hash_for_network(network: str) -> str:
-    return _hash16(network)
-
-
-def hash_for_instance(network: str, ifname: str, container_id: str) -> str:
-    return f"{hash_for_network(network)}-{_hash16(ifname + ':' + container_id)}"
-
-
-def comment_for_instance(network: str, ifname: str, container_id: str) -> str:
-    comment = "{}, net: {}, if: {}, id: {}".format(
-        hash_for_instance(network, ifname, container_id),
-        network.replace('"', ""),
-        ifname.replace('"', ""),
-        container_id.replace('"', ""),
-    )
-    return comment[:COMMENT_LENGTH_MAX]
-
-
 def _quote(text: str) -> str:
     # Go's %q for the printable ASCII these comments hold.
     return json.dumps(text)

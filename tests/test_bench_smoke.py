@@ -45,6 +45,7 @@ ROW_KEYS: dict[str, set[str]] = {
     "conn-rate": {"table", "attachments", "conn_per_s", "vs_0"},
     "per-op": {"impl", "attachments", "p50_ms"},
     "cni-cold-start": set(),
+    "nft-runner": {"runner", "elements", "p50_ms", "p99_ms"},
 }
 
 GOALS: dict[str, set[str]] = {
