@@ -1,7 +1,9 @@
 """masqd's table layout as an `nft -f` script, and a shape to compare tables by.
 
-The layout is DESIGN.md's plus the daemon's `exempt` sets (destinations never masqueraded,
-empty by default), rules in the daemon's order (masqd/ruleset.py). The connection-rate
+The layout is the daemon's (masqd/ruleset.py): sources and `exempt` sets (destinations never
+masqueraded, empty by default), and one hash set `local4_<plen>`/`local6_<plen>` of (address .
+network address) per prefix length in use, each with its rule masking the destination to
+that length, longest prefix first, rules in the daemon's order. The connection-rate
 benchmark measures the table the daemon itself wrote when the daemon is there, and this
 script when it is not; `shape()` reduces an `nft --json list table` dump to what decides
 per-packet cost (sets with type, flags and element count; chains with hook and priority;
@@ -27,15 +29,29 @@ def _owner(a: Attachment) -> str:
 
 
 def _elements(attachments: Iterable[Attachment]) -> dict[str, list[str]]:
-    sets: dict[str, list[str]] = {"sources4": [], "local4": [], "sources6": [], "local6": []}
+    sets: dict[str, list[str]] = {"sources4": [], "sources6": []}
     for a in attachments:
         comment = json.dumps(_owner(a))
         for ip in a.ips:
             iface = ipaddress.ip_interface(ip)
-            v = "4" if iface.version == 4 else "6"
+            v = str(iface.version)
+            local = f"local{v}_{iface.network.prefixlen}"
             sets["sources" + v].append(f"{iface.ip} comment {comment}")
-            sets["local" + v].append(f"{iface.ip} . {iface.network} comment {comment}")
+            sets.setdefault(local, []).append(
+                f"{iface.ip} . {iface.network.network_address} comment {comment}"
+            )
     return sets
+
+
+def _local_rules(t: str, sets: Iterable[str], v: str) -> list[str]:
+    proto, width = ("ip", 32) if v == "4" else ("ip6", 128)
+    plens = sorted((int(n.split("_")[1]) for n in sets if n.startswith(f"local{v}_")), reverse=True)
+    rules = []
+    for plen in plens:
+        net = ipaddress.ip_network(f"{'0.0.0.0' if v == '4' else '::'}/{plen}")
+        masked = f"{proto} daddr" + ("" if plen == width else f" & {net.netmask}")
+        rules.append(f"add rule {t} postrouting {proto} saddr . {masked} @local{v}_{plen} return")
+    return rules
 
 
 def _chunks(items: list[str]) -> Iterator[list[str]]:
@@ -45,25 +61,29 @@ def _chunks(items: list[str]) -> Iterator[list[str]]:
 
 def table_script(attachments: Iterable[Attachment], table: str = TABLE) -> str:
     t = f"inet {table}"
+    sets = _elements(attachments)
+    locals_ = sorted(n for n in sets if n.startswith("local"))
     lines = [
         f"add table {t}",
         f"add set {t} sources4 {{ type ipv4_addr ; }}",
-        f"add set {t} local4 {{ type ipv4_addr . ipv4_addr ; flags interval ; }}",
         f"add set {t} exempt4 {{ type ipv4_addr ; flags interval ; }}",
         f"add set {t} sources6 {{ type ipv6_addr ; }}",
-        f"add set {t} local6 {{ type ipv6_addr . ipv6_addr ; flags interval ; }}",
         f"add set {t} exempt6 {{ type ipv6_addr ; flags interval ; }}",
+        *(
+            f"add set {t} {n} {{ type ipv{n[5]}_addr . ipv{n[5]}_addr ; }}"
+            for n in locals_
+        ),
         f"add chain {t} postrouting {{ {_BASE_CHAIN} }}",
         f"add rule {t} postrouting ip daddr 224.0.0.0/4 return",
         f"add rule {t} postrouting ip daddr @exempt4 return",
-        f"add rule {t} postrouting ip saddr . ip daddr @local4 return",
+        *_local_rules(t, locals_, "4"),
         f"add rule {t} postrouting ip saddr @sources4 masquerade",
         f"add rule {t} postrouting ip6 daddr ff00::/8 return",
         f"add rule {t} postrouting ip6 daddr @exempt6 return",
-        f"add rule {t} postrouting ip6 saddr . ip6 daddr @local6 return",
+        *_local_rules(t, locals_, "6"),
         f"add rule {t} postrouting ip6 saddr @sources6 masquerade",
     ]
-    for name, elements in _elements(attachments).items():
+    for name, elements in sets.items():
         for chunk in _chunks(elements):
             lines.append(f"add element {t} {name} {{ {', '.join(chunk)} }}")
     return "\n".join(lines) + "\n"

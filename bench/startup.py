@@ -25,8 +25,9 @@ REPAIR_TIMEOUT = 60.0
 
 
 def _expected_counts(n: int) -> dict[str, int]:
-    # Dual-stack attachments with distinct addresses: one element per address per set.
-    return {"sources4": n, "local4": n, "sources6": n, "local6": n}
+    # Dual-stack attachments with distinct addresses (IPv4 in /16s, IPv6 in /64s): one element
+    # per address in its sources set and in the local set of its prefix length.
+    return {"sources4": n, "local4_16": n, "sources6": n, "local6_64": n}
 
 
 def wait_repaired(d: daemon.Daemon, syncs_before: int, n: int) -> float:

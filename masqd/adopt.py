@@ -25,12 +25,11 @@ from pydantic import ValidationError
 
 from masqd.models import AttachmentKey, AttachmentSpec, parse_ip
 from masqd.ruleset import (
-    LOCAL4,
-    LOCAL6,
     SOURCES4,
     SOURCES6,
     Element,
     TableState,
+    parse_local_set,
     parse_owner_comment,
 )
 
@@ -51,8 +50,15 @@ def adopt(table: TableState) -> Adoption:
     if table.structure is None:
         return result
     found: dict[AttachmentKeyT, list[tuple[str, str]]] = {}  # owner -> [(ip, element name)]
-    for sources_name, local_name in ((SOURCES4, LOCAL4), (SOURCES6, LOCAL6)):
-        sources, local = table.sets[sources_name], table.sets[local_name]
+    for family, sources_name in ((4, SOURCES4), (6, SOURCES6)):
+        local_name = f"local{family}"  # names its local{family}_<plen> sets in messages
+        sources = table.sets.get(sources_name, {})
+        # One local element per address, in the set of its subnet's prefix length.
+        local: dict[str, Element] = {}
+        for name, elems in sorted(table.sets.items()):
+            parsed = parse_local_set(name)
+            if parsed is not None and parsed[0] == family:
+                local.update(elems)
         for address, source in sorted(sources.items()):
             where = f"{sources_name} {address}"
             subnet_elem = local.get(address)

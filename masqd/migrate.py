@@ -408,7 +408,7 @@ class Migrator:
         missing = [
             r.ip
             for r in adopted
-            if r.ip.split("/")[0] not in observed.sets[ruleset.family_sets(r.ip)[0]]
+            if r.ip.split("/")[0] not in observed.sets[ruleset.sources_set(r.ip)]
         ]
         if missing:
             raise AdoptionError(

@@ -14,13 +14,13 @@ and by tests/test_nft_kernel.py, which runs the same scenarios on both):
 - deleting an element, set, chain or table that is not there fails with ENOENT
   ("No such file or directory"); element commands on a missing table or set too;
 - adding an element that is there is a no-op, and keeps the element's old comment;
-- the `local` sets are the kernel's concatenated interval sets: a second subnet for an
-  address fails with EEXIST ("File exists") when its first or last address lies in the
-  subnet already held (a subnet that encloses the held one is accepted: two elements), and a
-  delete removes the element that holds the first point of the one named (so a subnet of
-  the held one deletes it too); an overlapping `exempt` CIDR fails in nft itself ("interval
-  overlaps with an existing one"), as does deleting one that is not there exactly ("element
-  does not exist"). See "element semantics" below;
+- the `local<family>_<plen>` sets are plain (hash) concatenated sets: an element is the
+  exact pair (address . network address), so a second network address for an address is a
+  second element; an overlapping `exempt` CIDR fails in nft itself ("interval overlaps with
+  an existing one"), as does deleting one that is not there exactly ("element does not
+  exist"). See "element semantics" below;
+- deleting a set that a rule refers to fails with EBUSY, unless an earlier command of the
+  batch removed those rules (flush chain);
 - `add table; delete table; add table` recreates whether the table existed or not.
 
 Tests also tamper with it (as a person with `nft` would), make the next applies fail, or
@@ -38,10 +38,11 @@ from typing import Any
 from masqd import ruleset
 from masqd.nft import Applied, NftError, Observation
 from masqd.plan import Transaction
-from masqd.ruleset import ALL_SETS, EXEMPT_SETS, LOCAL_SETS, Element, TableState
+from masqd.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
 
 ENOENT = "Error: Could not process rule: No such file or directory"
 EEXIST = "Error: Could not process rule: File exists"
+EBUSY = "Error: Could not process rule: Device or resource busy"
 OVERLAP = "Error: interval overlaps with an existing one"
 NO_ELEMENT = "Error: element does not exist"
 FAILURE = "Error: Could not process rule: Operation not permitted"  # what fail_next raises
@@ -51,8 +52,8 @@ FAILURE = "Error: Could not process rule: Operation not permitted"  # what fail_
 class _Set:
     type: Any
     flags: tuple[str, ...]
-    # masqd's sets hold parsed elements, in insertion order (an interval set may hold two
-    # for one address); a foreign set keeps its raw JSON values.
+    # masqd's sets hold parsed elements, in insertion order (a tampered local set may hold
+    # two for one address); a foreign set keeps its raw JSON values.
     elements: list[Element] = field(default_factory=list)
     raw: list[Any] = field(default_factory=list)
 
@@ -266,8 +267,13 @@ class FakeBackend:
 
     @staticmethod
     def _delete_set(table: _Table, spec: dict[str, Any]) -> bool:
-        if table.sets.pop(spec["name"], None) is None:
-            raise NftError(f"{ENOENT} (delete missing set {spec['name']!r})")
+        name = spec["name"]
+        if name not in table.sets:
+            raise NftError(f"{ENOENT} (delete missing set {name!r})")
+        reference = json.dumps(f"@{name}")
+        if any(reference in json.dumps(r) for c in table.chains.values() for r in c.rules):
+            raise NftError(f"{EBUSY} (set {name} is in use by a rule)")
+        del table.sets[name]
         return True
 
     @staticmethod
@@ -308,7 +314,7 @@ class FakeBackend:
                 spec["flags"] = list(s.flags)
             elems = (
                 [ruleset.element_json(name, e) for e in s.elements]
-                if name in ALL_SETS
+                if _ours(name, s)
                 else list(s.raw)
             )
             if elems:
@@ -384,70 +390,55 @@ class FakeBackend:
 # ---- element semantics --------------------------------------------------------------------
 #
 # sources: a hash set; an element is its address.
-# local: the kernel's concatenated interval set (pipapo). An element (address . subnet) is the
-#   range address . first..last of the subnet. Adding fails with EEXIST when the new range's
-#   first or last point lies in a range held for that address (unless it is that very range:
-#   then nothing happens); a new range that encloses an old one is accepted. Deleting removes
-#   the range that holds the first point of the given one, or fails with ENOENT.
+# local<family>_<plen>: a hash set of (address . network address); an element is that pair,
+#   so the same address with another network address is another element.
 # exempt: an interval set that nft 1.0.6 itself keeps free of overlaps, and whose deletes
 #   must name an interval exactly.
 
 
-def _span(elem: Element) -> tuple[int, int]:
-    assert elem.subnet is not None
-    net = ipaddress.ip_network(elem.subnet)
-    return int(net.network_address), int(net.broadcast_address)
+def _ours(set_name: str, s: _Set) -> bool:
+    """Whether the fake keeps this set's elements parsed: one of masqd's sets, of its type
+    (a look-alike of another type keeps raw values, as the parser reads only ours)."""
+    if not is_our_set(set_name):
+        return False
+    kind, flags = ruleset.set_type(set_name)
+    return ruleset.canonical(kind) == ruleset.canonical(s.type) and tuple(flags) == s.flags
 
 
-def _local_holding(s: _Set, address: str, point: int) -> int | None:
-    for index, held in enumerate(s.elements):
-        if held.key == address:
-            first, last = _span(held)
-            if first <= point <= last:
-                return index
-    return None
+def _same(set_name: str, held: Element, elem: Element) -> bool:
+    if is_local_set(set_name):
+        return held.key == elem.key and held.subnet == elem.subnet
+    return held.key == elem.key
 
 
 def _add_element(set_name: str, s: _Set, value: Any) -> bool:
-    if set_name not in ALL_SETS:
+    if not _ours(set_name, s):
         if value in s.raw:
             return False
         s.raw.append(value)
         return True
     changed = False
     for key, elem in ruleset.parse_elements(set_name, [value]).items():
-        if set_name in LOCAL_SETS:
-            first, last = _span(elem)
-            at_first = _local_holding(s, key, first)
-            if at_first is not None and _span(s.elements[at_first]) == (first, last):
-                continue
-            if at_first is not None or _local_holding(s, key, last) is not None:
-                raise NftError(f"{EEXIST} ({set_name} {key} . {elem.subnet})")
-        elif set_name in EXEMPT_SETS:
+        if any(_same(set_name, held, elem) for held in s.elements):
+            continue
+        if set_name in EXEMPT_SETS:
             net = ipaddress.ip_network(key)
-            if any(held.key == key for held in s.elements):
-                continue
             for held in s.elements:
                 if ipaddress.ip_network(held.key).overlaps(net):
                     raise NftError(f"{OVERLAP} ({set_name} {key} overlaps {held.key})")
-        elif any(held.key == key for held in s.elements):
-            continue
         s.elements.append(elem)
         changed = True
     return changed
 
 
 def _delete_element(set_name: str, s: _Set, value: Any) -> None:
-    if set_name not in ALL_SETS:
+    if not _ours(set_name, s):
         if value not in s.raw:
             raise NftError(f"{ENOENT} (delete {value!r} from {set_name})")
         s.raw.remove(value)
         return
     for key, elem in ruleset.parse_elements(set_name, [value]).items():
-        if set_name in LOCAL_SETS:
-            index = _local_holding(s, key, _span(elem)[0])
-        else:
-            index = next((i for i, held in enumerate(s.elements) if held.key == key), None)
+        index = next((i for i, h in enumerate(s.elements) if _same(set_name, h, elem)), None)
         if index is None:
             missing = NO_ELEMENT if set_name in EXEMPT_SETS else ENOENT
             raise NftError(f"{missing} (delete {key} from {set_name})")

@@ -6,9 +6,11 @@ it is property-tested alone (`plan(d, d)` is empty; applying `plan(d, o)` to `o`
 A transaction is a value. It has three tiers, cheapest first, and the planner picks the
 cheapest that reaches the desired table:
 - element changes only (the normal case: a setup adds a handful of elements);
-- the chain's rules rewritten in place (someone flushed the chain or inserted a rule);
+- local sets added or removed (a prefix length came into use or went out of it) and the
+  chain's rules rewritten in place (flush chain, add its few rules), with the element
+  changes: also the repair when someone flushed the chain or inserted a rule;
 - the whole table replaced atomically (`add table; delete table; add table; ...` in one batch)
-  when sets or chains are missing, foreign or of the wrong type.
+  when a fixed set or the chain is missing, foreign or of the wrong type (or a local set is).
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ from typing import Any
 
 from masqd import ruleset
 from masqd.ruleset import (
-    ALL_SETS,
     EXEMPT4,
     EXEMPT6,
     Element,
     Policy,
+    Structure,
     TableState,
-    family_sets,
+    is_local_set,
+    local_order,
+    local_set_of,
     owner_comment,
+    set_entry,
+    sources_set,
 )
 
 AttachmentKeyT = tuple[str, str, str]
@@ -74,7 +80,7 @@ def elements_for_owner(
     address: str, owner: AttachmentKeyT, subnet: str
 ) -> tuple[tuple[str, Element], tuple[str, Element]]:
     """The (sources, local) elements that the deciding owner of `address` puts in the table."""
-    sources, local = family_sets(address)
+    sources, local = sources_set(address), local_set_of(address, subnet)
     comment = owner_comment(*owner)
     return (sources, Element(address, None, comment)), (local, Element(address, subnet, comment))
 
@@ -110,17 +116,19 @@ def desired_table(
             current = deciding.get(address)
             if current is None or record.seq > current[0]:
                 deciding[address] = (record.seq, key, subnet)
-    table = TableState(ruleset.desired_structure(policy))
+    table = TableState(None)
     for address, (_, key, subnet) in deciding.items():
         for set_name, elem in elements_for_owner(address, key, subnet):
-            table.sets[set_name][address] = elem
+            table.sets.setdefault(set_name, {})[address] = elem
     table.sets.update(exempt_elements(policy))
+    table.structure = ruleset.desired_structure(policy, local_order(table.sets))
     return table
 
 
 def policy_fingerprint(policy: Policy) -> str:
-    """Names everything but the attachments' elements: the structure and the exempt sets."""
-    structure = ruleset.desired_structure(policy)
+    """Names everything but the attachments' elements and the local sets they call for (those
+    follow from the attachments): the fixed structure and the exempt sets."""
+    structure = ruleset.desired_structure(policy, ())
     exempt = exempt_elements(policy)
     text = repr(
         (
@@ -140,23 +148,32 @@ def policy_fingerprint(policy: Policy) -> str:
 class Transaction:
     """One atomic nftables batch, as a value.
 
+    `local_sets`: the local sets of the desired table, in chain order (they shape the rules).
     `recreate`: replace the table whole (structure first, then `add` holds every element).
+    `add_sets`: local sets to create, first.
     `rewrite_rules`: flush the chain and add its rules again.
     `delete`/`add`: element changes per set, deletes applied before adds.
+    `delete_sets`: local sets to delete, last (once no rule refers to them); their elements
+    go with them.
     """
 
     table: str
     policy: Policy
+    local_sets: tuple[str, ...] = ()
     recreate: bool = False
+    add_sets: tuple[str, ...] = ()
     rewrite_rules: bool = False
     delete: Mapping[str, tuple[Element, ...]] = field(default_factory=dict)
     add: Mapping[str, tuple[Element, ...]] = field(default_factory=dict)
+    delete_sets: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
         return not (
             self.recreate
+            or self.add_sets
             or self.rewrite_rules
+            or self.delete_sets
             or any(self.delete.values())
             or any(self.add.values())
         )
@@ -175,13 +192,16 @@ class Transaction:
             cmds.append({"add": {"table": ruleset.table_ref(t)}})
             cmds.append({"delete": {"table": ruleset.table_ref(t)}})
             cmds.append({"add": {"table": ruleset.table_ref(t)}})
-            cmds.extend(ruleset.structure_commands(t, self.policy))
-        elif self.rewrite_rules:
-            cmds.append({"flush": {"chain": {"family": "inet", "table": t, "name": ruleset.CHAIN}}})
-            cmds.extend(ruleset.rule_commands(t, self.policy))
+            cmds.extend(ruleset.structure_commands(t, self.policy, self.local_sets))
+        else:
+            cmds.extend({"add": {"set": ruleset.set_spec(t, name)}} for name in self.add_sets)
+            if self.rewrite_rules:
+                chain = {"family": "inet", "table": t, "name": ruleset.CHAIN}
+                cmds.append({"flush": {"chain": chain}})
+                cmds.extend(ruleset.rule_commands(t, self.policy, self.local_sets))
         for verb, groups, with_comment in (("delete", self.delete, False), ("add", self.add, True)):
-            for set_name in ALL_SETS:
-                elems = groups.get(set_name, ())
+            for set_name in sorted(groups):
+                elems = groups[set_name]
                 if elems:
                     cmds.append(
                         {
@@ -198,6 +218,10 @@ class Transaction:
                             }
                         }
                     )
+        cmds.extend(
+            {"delete": {"set": {"family": "inet", "table": t, "name": name}}}
+            for name in self.delete_sets
+        )
         return {"nftables": cmds}
 
     def to_script(self) -> str:
@@ -211,18 +235,24 @@ class Transaction:
                 f"add table inet {t}",
                 f"# ... sets, chain {ruleset.CHAIN} and its rules as designed",
             ]
-        elif self.rewrite_rules:
-            lines += [
-                f"flush chain inet {t} {ruleset.CHAIN}",
-                f"# ... the {len(ruleset.rule_exprs(self.policy))} rules of {ruleset.CHAIN}",
-            ]
+        else:
+            for name in self.add_sets:
+                kind, _ = ruleset.set_type(name)
+                lines.append(f"add set inet {t} {name} {{ type {' . '.join(kind)}; }}")
+            if self.rewrite_rules:
+                count = len(ruleset.rule_exprs(self.policy, self.local_sets))
+                lines += [
+                    f"flush chain inet {t} {ruleset.CHAIN}",
+                    f"# ... the {count} rules of {ruleset.CHAIN}",
+                ]
         for verb, groups in (("delete", self.delete), ("add", self.add)):
-            for set_name in ALL_SETS:
-                for e in groups.get(set_name, ()):
+            for set_name in sorted(groups):
+                for e in groups[set_name]:
                     lines.append(
                         f"{verb} element inet {t} {set_name} "
                         f"{{ {ruleset.element_script(set_name, e)} }}"
                     )
+        lines += [f"delete set inet {t} {name}" for name in self.delete_sets]
         return "\n".join(lines)
 
 
@@ -241,23 +271,29 @@ def plan(
     cost independent of the table's size. None compares everything.
     """
     assert desired.structure is not None
-    if observed.structure is None or (
-        observed.structure.sets != desired.structure.sets
-        or observed.structure.chains != desired.structure.chains
-    ):
+    local_sets = local_order(e[0] for e in desired.structure.sets)
+    if _needs_recreate(desired.structure, observed.structure):
         return Transaction(
             table,
             policy,
+            local_sets,
             recreate=True,
-            add={name: tuple(desired.sets[name].values()) for name in ALL_SETS},
+            add={name: tuple(elems.values()) for name, elems in desired.sets.items() if elems},
         )
+    assert observed.structure is not None
+    observed_locals = {e[0] for e in observed.structure.sets if is_local_set(e[0])}
+    add_sets = tuple(name for name in local_sets if name not in observed_locals)
+    delete_sets = local_order(observed_locals - set(local_sets))
     rewrite_rules = observed.structure.rules != desired.structure.rules
     delete: dict[str, tuple[Element, ...]] = {}
     add: dict[str, tuple[Element, ...]] = {}
     keys = None if touched is None else set(touched)
-    for name in ALL_SETS:
-        want, have = desired.sets[name], observed.sets[name]
-        if keys is None:
+    empty: dict[str, Element] = {}
+    for name in desired.sets.keys() | observed.sets.keys():
+        if name in delete_sets:
+            continue  # its elements go with it
+        want, have = desired.sets.get(name, empty), observed.sets.get(name, empty)
+        if keys is None or name in add_sets:
             stale = [e for k, e in have.items() if want.get(k) != e]
             missing = [e for k, e in want.items() if have.get(k) != e]
         else:
@@ -273,30 +309,57 @@ def plan(
             delete[name] = tuple(stale)
         if missing:
             add[name] = tuple(missing)
-    return Transaction(table, policy, rewrite_rules=rewrite_rules, delete=delete, add=add)
+    return Transaction(
+        table,
+        policy,
+        local_sets,
+        add_sets=add_sets,
+        rewrite_rules=rewrite_rules,
+        delete=delete,
+        add=add,
+        delete_sets=delete_sets,
+    )
+
+
+def _needs_recreate(desired: Structure, observed: Structure | None) -> bool:
+    """True when element, rule and local set changes cannot reach `desired`: the table is
+    missing, a fixed set or the chain is missing, foreign or of another type, a local set is
+    of another type (a look-alike), or something foreign sits in the table."""
+    if observed is None or observed.chains != desired.chains:
+        return True
+    fixed_observed = {e for e in observed.sets if not is_local_set(e[0])}
+    fixed_desired = {e for e in desired.sets if not is_local_set(e[0])}
+    if fixed_observed != fixed_desired:
+        return True
+    return any(e != set_entry(e[0]) for e in observed.sets if is_local_set(e[0]))
 
 
 def apply(tx: Transaction, observed: TableState) -> TableState:
     """What the kernel holds after `tx` commits on top of `observed` (a new value)."""
     result = observed.copy()
-    apply_in_place(tx, result, desired_structure=ruleset.desired_structure(tx.policy))
+    structure = ruleset.desired_structure(tx.policy, tx.local_sets)
+    apply_in_place(tx, result, desired_structure=structure)
     return result
 
 
-def apply_in_place(
-    tx: Transaction, state: TableState, *, desired_structure: ruleset.Structure
-) -> None:
+def apply_in_place(tx: Transaction, state: TableState, *, desired_structure: Structure) -> None:
     """`apply`, mutating `state`: the reconciler keeps its mirror of the kernel this way
-    without copying 100,000 elements per setup."""
+    without copying 100,000 elements per setup. `desired_structure` is the structure the
+    transaction was planned for (its policy and local sets)."""
     if tx.recreate:
         state.structure = desired_structure
-        for name in ALL_SETS:
-            state.sets[name] = {}
-    elif tx.rewrite_rules:
+        state.sets = {entry[0]: {} for entry in desired_structure.sets}
+    elif tx.add_sets or tx.delete_sets or tx.rewrite_rules:
         assert state.structure is not None
-        state.structure = ruleset.Structure(
-            state.structure.sets, state.structure.chains, desired_structure.rules
-        )
+        gone = set(tx.delete_sets)
+        sets = {e for e in state.structure.sets if e[0] not in gone}
+        sets.update(set_entry(name) for name in tx.add_sets)
+        rules = desired_structure.rules if tx.rewrite_rules else state.structure.rules
+        state.structure = Structure(frozenset(sets), state.structure.chains, rules)
+        for name in tx.delete_sets:
+            state.sets.pop(name, None)
+        for name in tx.add_sets:
+            state.sets[name] = {}
     for name, elems in tx.delete.items():
         current = state.sets[name]
         for e in elems:

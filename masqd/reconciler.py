@@ -93,7 +93,9 @@ class Reconciler:
         self.stats = SyncStats()
         self.policy = policy
         self.applied_policy: Policy | None = None  # the policy of the last successful sync
-        self._structure = ruleset.desired_structure(policy)
+        # Desired structures by the local sets in use (a handful of prefix lengths at most):
+        # a sync looks its structure up instead of building it.
+        self._structures: dict[frozenset[str], ruleset.Structure] = {}
         self._fingerprint = plan.policy_fingerprint(policy)
         self._synced = asyncio.Event()  # set, then replaced, by every successful sync
         self._mirror: TableState | None = None  # what the kernel holds, as far as we know
@@ -141,7 +143,23 @@ class Reconciler:
         """The table the current policy gives with these attachment elements."""
         sets = dict(elements)
         sets.update(plan.exempt_elements(self.policy))
-        return TableState(self._structure, sets)
+        return TableState(self._structure_for(sets), sets)
+
+    def _structure_for(self, sets: dict[str, dict[str, ruleset.Element]]) -> ruleset.Structure:
+        """The desired structure for these desired elements: the policy's, with a local set
+        for each local set name among them."""
+        names = frozenset(name for name in sets if ruleset.is_local_set(name))
+        structure = self._structures.get(names)
+        if structure is None:
+            structure = ruleset.desired_structure(self.policy, names)
+            if len(self._structures) > 64:
+                self._structures.clear()  # prefix lengths churned: forget old combinations
+            self._structures[names] = structure
+        return structure
+
+    def _desired(self, policy: Policy) -> TableState:
+        sets = self.state.table_sets(policy)
+        return TableState(self._structure_for(sets), sets)
 
     def sync_age(self) -> float:
         """Seconds the sync in flight has been running; 0 when none is."""
@@ -161,7 +179,7 @@ class Reconciler:
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
-        self._structure = ruleset.desired_structure(policy)
+        self._structures = {}
         self._fingerprint = plan.policy_fingerprint(policy)
         self.request_full("policy")
 
@@ -193,14 +211,14 @@ class Reconciler:
         """What a full sync would change now, planned against a fresh listing of the kernel
         (not the mirror, which may be stale); nothing is applied. For `masqctl diff`."""
         observation = await self.backend.observe()
-        desired = TableState(self._structure, self.state.table_sets(self.policy))
+        desired = self._desired(self.policy)
         return plan.plan(desired, observation.table, table=self.table, policy=self.policy)
 
     def plan_now(self) -> plan.Transaction | None:
         """What a full sync against the current mirror would do (for `masqctl diff`)."""
         if self._mirror is None:
             return None
-        desired = TableState(self._structure, self.state.table_sets(self.policy))
+        desired = self._desired(self.policy)
         return plan.plan(desired, self._mirror, table=self.table, policy=self.policy)
 
     def status(self) -> dict[str, Any]:
@@ -340,7 +358,7 @@ class Reconciler:
         taken.dirty = dirty = self.state.take_dirty()
         taken.pending = pending = self.journal.take_pending() if self.journal else []
         policy = self.policy
-        desired = TableState(self._structure, self.state.table_sets(policy))
+        desired = self._desired(policy)
         # Without a fresh listing the mirror is exact and only the changed keys can differ:
         # comparing 400,000 elements every resync was most of an idle daemon's CPU.
         tx = plan.plan(
@@ -355,7 +373,8 @@ class Reconciler:
             await asyncio.to_thread(self.journal.write_pending, pending)
         if not tx.empty:
             applied = await self.backend.apply(tx)
-            plan.apply_in_place(tx, mirror, desired_structure=self._structure)
+            assert desired.structure is not None
+            plan.apply_in_place(tx, mirror, desired_structure=desired.structure)
             self._known_generation = applied.generation
             if not applied.exclusive:
                 # Someone else committed around our transaction: check with a full sync.
@@ -524,6 +543,9 @@ def _same_table(a: TableState, b: TableState) -> bool:
 
 
 def _family_counts(table: TableState) -> dict[str, int]:
-    v4 = sum(len(table.sets[n]) for n in (ruleset.SOURCES4, ruleset.LOCAL4, ruleset.EXEMPT4))
-    v6 = sum(len(table.sets[n]) for n in (ruleset.SOURCES6, ruleset.LOCAL6, ruleset.EXEMPT6))
-    return {"ipv4": v4, "ipv6": v6}
+    counts = {"ipv4": 0, "ipv6": 0}
+    for name, elems in table.sets.items():
+        family = ruleset.parse_local_set(name)
+        v6 = name in (ruleset.SOURCES6, ruleset.EXEMPT6) or (family is not None and family[0] == 6)
+        counts["ipv6" if v6 else "ipv4"] += len(elems)
+    return counts

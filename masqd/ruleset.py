@@ -5,12 +5,30 @@ nftables JSON (libnftables-json(5)) and read back. The planner compares these va
 backend turns them into JSON and parses the kernel's listing into them.
 
     table inet <name> {
-        set sources4 { type ipv4_addr; }                              # IPs to masquerade
-        set local4   { type ipv4_addr . ipv4_addr; flags interval; }  # (IP . its subnet): never
-        set exempt4  { type ipv4_addr; flags interval; }              # never masqueraded to
-        ... the same for IPv6 ...
-        chain postrouting { type nat hook postrouting priority srcnat; policy accept; ... }
+        set sources4    { type ipv4_addr; }                   # IPs to masquerade
+        set exempt4     { type ipv4_addr; flags interval; }   # never masqueraded to
+        set local4_24   { type ipv4_addr . ipv4_addr; }       # (IP . its /24 network): never
+        set local4_16   { type ipv4_addr . ipv4_addr; }       #   masqueraded to its own subnet
+        ... the same for IPv6 (local6_<plen>) ...
+        chain postrouting {
+            type nat hook postrouting priority srcnat; policy accept;
+            ip daddr 224.0.0.0/4 return
+            ip daddr @exempt4 return
+            ip saddr . ip daddr & 255.255.255.0 @local4_24 return
+            ip saddr . ip daddr & 255.255.0.0 @local4_16 return
+            ip saddr @sources4 masquerade
+            ... the same for IPv6 ...
+        }
     }
+
+The local sets are plain hash sets, one per prefix length in use, holding (address . network
+address of its subnet); the rule masks the destination to that prefix length before the
+lookup. A concatenated interval set would need one set for all prefix lengths, but the kernel
+implements it with pipapo, whose every change costs O(set size) (25 ms to delete one element
+of 100,000): hash sets keep a change O(1), and a connection pays one hash lookup per prefix
+length in use (usually one or two). Which local sets exist is therefore derived from the
+elements (`desired_structure(policy, local_sets)`); a set for a prefix length no longer in
+use is removed, a new one added with its rule, in the same transaction as the elements.
 """
 
 from __future__ import annotations
@@ -18,36 +36,83 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Sets, by family.
+# Sets, by family (the local sets are named by `local_set`: local4_<plen>, local6_<plen>).
 SOURCES4 = "sources4"
-LOCAL4 = "local4"
 EXEMPT4 = "exempt4"
 SOURCES6 = "sources6"
-LOCAL6 = "local6"
 EXEMPT6 = "exempt6"
+LOCAL_PREFIXES = {4: "local4_", 6: "local6_"}
 # The one chain.
 CHAIN = "postrouting"
 CHAIN_PRIORITY = 100  # srcnat
 
 SOURCE_SETS = (SOURCES4, SOURCES6)
-LOCAL_SETS = (LOCAL4, LOCAL6)
 EXEMPT_SETS = (EXEMPT4, EXEMPT6)
-ALL_SETS = (SOURCES4, LOCAL4, EXEMPT4, SOURCES6, LOCAL6, EXEMPT6)
+FIXED_SETS = (SOURCES4, EXEMPT4, SOURCES6, EXEMPT6)  # always there, whatever the attachments
 
 COMMENT_MAX_BYTES = 128  # nftables refuses longer element comments
 TRUNCATED_MARK = "~"  # never valid in a CNI name, so a truncated owner is recognisable
 
 _SET_TYPES: dict[str, tuple[Any, tuple[str, ...]]] = {
     SOURCES4: ("ipv4_addr", ()),
-    LOCAL4: (["ipv4_addr", "ipv4_addr"], ("interval",)),
     EXEMPT4: ("ipv4_addr", ("interval",)),
     SOURCES6: ("ipv6_addr", ()),
-    LOCAL6: (["ipv6_addr", "ipv6_addr"], ("interval",)),
     EXEMPT6: ("ipv6_addr", ("interval",)),
 }
+_LOCAL_TYPES: dict[int, Any] = {4: ["ipv4_addr", "ipv4_addr"], 6: ["ipv6_addr", "ipv6_addr"]}
+_WIDTH = {4: 32, 6: 128}
+
+
+def local_set(family: int, plen: int) -> str:
+    """The local set of a family (4 or 6) and prefix length: 'local4_16', 'local6_64'."""
+    return f"{LOCAL_PREFIXES[family]}{plen}"
+
+
+@functools.lru_cache(maxsize=512)
+def parse_local_set(name: str) -> tuple[int, int] | None:
+    """(family, prefix length) of a local set's name; None for any other name (including
+    look-alikes such as 'local4_016' or 'local4_33', which are foreign)."""
+    for family, prefix in LOCAL_PREFIXES.items():
+        if name.startswith(prefix):
+            digits = name[len(prefix) :]
+            if digits.isdigit() and str(int(digits)) == digits and int(digits) <= _WIDTH[family]:
+                return family, int(digits)
+    return None
+
+
+def is_local_set(name: str) -> bool:
+    return parse_local_set(name) is not None
+
+
+def is_our_set(name: str) -> bool:
+    """A set whose elements masqd reads and writes: a fixed set or a local set."""
+    return name in _SET_TYPES or parse_local_set(name) is not None
+
+
+def set_type(name: str) -> tuple[Any, tuple[str, ...]]:
+    """(nftables type, flags) of one of our sets."""
+    local = parse_local_set(name)
+    if local is not None:
+        return _LOCAL_TYPES[local[0]], ()
+    return _SET_TYPES[name]
+
+
+def local_set_of(address: str, subnet: str) -> str:
+    """The local set that holds the element (address . subnet)."""
+    return local_set(6 if ":" in address else 4, int(subnet.rpartition("/")[2]))
+
+
+def local_order(names: Iterable[str]) -> tuple[str, ...]:
+    """Local set names in chain order: IPv4 first, then the longest prefix first. Any fixed
+    order is right (an address has one local element), a fixed one keeps the rules stable."""
+    parsed = sorted(
+        (fp[0], -fp[1], name) for name in names if (fp := parse_local_set(name)) is not None
+    )
+    return tuple(name for _, _, name in parsed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +152,7 @@ class TableState:
     """
 
     structure: Structure | None
-    sets: dict[str, dict[str, Element]] = field(default_factory=lambda: {s: {} for s in ALL_SETS})
+    sets: dict[str, dict[str, Element]] = field(default_factory=lambda: {s: {} for s in FIXED_SETS})
 
     def copy(self) -> TableState:
         return TableState(self.structure, {name: dict(elems) for name, elems in self.sets.items()})
@@ -96,9 +161,11 @@ class TableState:
         return sum(len(elems) for elems in self.sets.values())
 
 
-def family_sets(address: str) -> tuple[str, str]:
-    """(sources set, local set) for an address string."""
-    return (SOURCES6, LOCAL6) if ":" in address else (SOURCES4, LOCAL4)
+def sources_set(address: str) -> str:
+    """The sources set for an address string."""
+    return SOURCES6 if ":" in address else SOURCES4
+
+
 
 
 def owner_comment(network: str, container_id: str, ifname: str) -> str:
@@ -143,21 +210,42 @@ def _split_network(cidr: str) -> tuple[str, int]:
     return str(net.network_address), net.prefixlen
 
 
-def rule_exprs(policy: Policy) -> list[list[dict[str, Any]]]:
-    """The chain's rules, in the exact form the kernel lists them back (so they compare equal)."""
+def _mask(family: int, plen: int) -> str:
+    width = _WIDTH[family]
+    bits = ((1 << width) - 1) ^ ((1 << (width - plen)) - 1)
+    return str(ipaddress.ip_address(bits) if family == 4 else ipaddress.IPv6Address(bits))
+
+
+def _masked_daddr(proto: str, family: int, plen: int) -> Any:
+    # nft drops an all-ones mask (it lists a /32 or /128 rule as plain `daddr`): so do we,
+    # so that the rule compares equal to its listing.
+    if plen == _WIDTH[family]:
+        return _payload(proto, "daddr")
+    return {"&": [_payload(proto, "daddr"), _mask(family, plen)]}
+
+
+def rule_exprs(policy: Policy, local_sets: Iterable[str]) -> list[list[dict[str, Any]]]:
+    """The chain's rules, in the exact form the kernel lists them back (so they compare equal).
+
+    One local rule per local set in `local_sets`, between the exempt return and the
+    masquerade of its family."""
     masquerade: dict[str, Any] = (
         {"masquerade": {"flags": "fully-random"}} if policy.random_fully else {"masquerade": None}
     )
     ret: dict[str, Any] = {"return": None}
+    locals_ = local_order(local_sets)
     rules: list[list[dict[str, Any]]] = []
-    for proto, multicast, exempt, local, sources in (
-        ("ip", "224.0.0.0/4", EXEMPT4, LOCAL4, SOURCES4),
-        ("ip6", "ff00::/8", EXEMPT6, LOCAL6, SOURCES6),
+    for family, proto, multicast, exempt, sources in (
+        (4, "ip", "224.0.0.0/4", EXEMPT4, SOURCES4),
+        (6, "ip6", "ff00::/8", EXEMPT6, SOURCES6),
     ):
         rules.append([_match(_payload(proto, "daddr"), _prefix(multicast)), ret])
         rules.append([_match(_payload(proto, "daddr"), f"@{exempt}"), ret])
-        pair = {"concat": [_payload(proto, "saddr"), _payload(proto, "daddr")]}
-        rules.append([_match(pair, f"@{local}"), ret])
+        for name in locals_:
+            fam, plen = parse_local_set(name) or (0, 0)
+            if fam == family:
+                pair = {"concat": [_payload(proto, "saddr"), _masked_daddr(proto, family, plen)]}
+                rules.append([_match(pair, f"@{name}"), ret])
         rules.append([_match(_payload(proto, "saddr"), f"@{sources}"), masquerade])
     return rules
 
@@ -166,13 +254,19 @@ def canonical(exprs: Any) -> str:
     return json.dumps(exprs, sort_keys=True, separators=(",", ":"))
 
 
-def desired_structure(policy: Policy) -> Structure:
+def set_entry(name: str) -> tuple[str, str, tuple[str, ...]]:
+    """How one of our sets appears in `Structure.sets`."""
+    kind, flags = set_type(name)
+    return (name, canonical(kind), flags)
+
+
+def desired_structure(policy: Policy, local_sets: Iterable[str]) -> Structure:
+    """The table's structure: the fixed sets, the given local sets, the chain and its rules."""
+    locals_ = local_order(local_sets)
     return Structure(
-        sets=frozenset(
-            (name, canonical(kind), flags) for name, (kind, flags) in _SET_TYPES.items()
-        ),
+        sets=frozenset(set_entry(name) for name in (*_SET_TYPES, *locals_)),
         chains=frozenset({(CHAIN, "nat", "postrouting", CHAIN_PRIORITY, "accept")}),
-        rules=tuple(canonical(r) for r in rule_exprs(policy)),
+        rules=tuple(canonical(r) for r in rule_exprs(policy, locals_)),
     )
 
 
@@ -183,16 +277,24 @@ def table_ref(table: str) -> dict[str, Any]:
     return {"family": "inet", "name": table}
 
 
-def structure_commands(table: str, policy: Policy) -> list[dict[str, Any]]:
+def set_spec(table: str, name: str) -> dict[str, Any]:
+    kind, flags = set_type(name)
+    spec: dict[str, Any] = {"family": "inet", "table": table, "name": name, "type": kind}
+    if flags:
+        spec["flags"] = list(flags)
+    return spec
+
+
+def structure_commands(
+    table: str, policy: Policy, local_sets: Iterable[str]
+) -> list[dict[str, Any]]:
     """Commands that create every set, the chain and its rules in an existing, empty table."""
-    cmds: list[dict[str, Any]] = []
-    for name, (kind, flags) in _SET_TYPES.items():
-        spec: dict[str, Any] = {"family": "inet", "table": table, "name": name, "type": kind}
-        if flags:
-            spec["flags"] = list(flags)
-        cmds.append({"add": {"set": spec}})
+    locals_ = local_order(local_sets)
+    cmds: list[dict[str, Any]] = [
+        {"add": {"set": set_spec(table, name)}} for name in (*_SET_TYPES, *locals_)
+    ]
     cmds.append({"add": {"chain": chain_spec(table)}})
-    cmds.extend(rule_commands(table, policy))
+    cmds.extend(rule_commands(table, policy, locals_))
     return cmds
 
 
@@ -208,17 +310,17 @@ def chain_spec(table: str) -> dict[str, Any]:
     }
 
 
-def rule_commands(table: str, policy: Policy) -> list[dict[str, Any]]:
+def rule_commands(table: str, policy: Policy, local_sets: Iterable[str]) -> list[dict[str, Any]]:
     return [
         {"add": {"rule": {"family": "inet", "table": table, "chain": CHAIN, "expr": exprs}}}
-        for exprs in rule_exprs(policy)
+        for exprs in rule_exprs(policy, local_sets)
     ]
 
 
 def element_value(set_name: str, elem: Element) -> Any:
-    if set_name in LOCAL_SETS:
+    if set_name not in _SET_TYPES:  # a local set: (address . network address)
         assert elem.subnet is not None
-        return {"concat": [elem.key, _prefix(elem.subnet)]}
+        return {"concat": [elem.key, elem.subnet.partition("/")[0]]}
     if set_name in EXEMPT_SETS:
         return _prefix(elem.key)
     return elem.key
@@ -233,7 +335,11 @@ def element_json(set_name: str, elem: Element, *, with_comment: bool = True) -> 
 
 def element_script(set_name: str, elem: Element) -> str:
     """The element as nft script text, for logs and `masqctl diff`."""
-    text = f"{elem.key} . {elem.subnet}" if set_name in LOCAL_SETS else elem.key
+    text = (
+        f"{elem.key} . {elem.subnet.partition('/')[0]}"
+        if elem.subnet is not None and set_name not in _SET_TYPES
+        else elem.key
+    )
     if elem.comment:
         text += f' comment "{elem.comment}"'
     return text
@@ -278,20 +384,27 @@ def parse_elements(
 ) -> dict[str, Element]:
     """A set's listed elements by key; keys listed more than once go to `duplicates`."""
     out: dict[str, Element] = {}
+    local = parse_local_set(set_name)
     for item in listed:
         comment = None
         value = item
         if isinstance(item, dict) and "elem" in item:
             comment = item["elem"].get("comment")
             value = item["elem"]["val"]
-        if set_name in LOCAL_SETS:
-            if not (isinstance(value, dict) and "concat" in value and len(value["concat"]) == 2):
+        if local is not None:
+            if not (
+                isinstance(value, dict)
+                and "concat" in value
+                and len(value["concat"]) == 2
+                and all(isinstance(v, str) for v in value["concat"])
+            ):
                 raise UnexpectedListing(f"unexpected {set_name} element {value!r}")
-            addr_v, subnet_v = value["concat"]
-            addr = addr_v if isinstance(addr_v, str) else _cidr(addr_v).split("/")[0]
+            addr, network = value["concat"]
             if duplicates is not None and addr in out:
                 duplicates.append(addr)
-            out[addr] = Element(addr, _cidr(subnet_v), comment)
+            # A network address that is not one for this prefix length (a foreign element)
+            # stays as listed: it differs from every desired element, so it gets deleted.
+            out[addr] = Element(addr, f"{network}/{local[1]}", comment)
         elif set_name in EXEMPT_SETS:
             for cidr in _cidrs(value):
                 out[cidr] = Element(cidr, None, comment)
@@ -315,7 +428,7 @@ def parse_table(table: str, listing: list[dict[str, Any]]) -> TableState:
     sets: set[tuple[str, str, tuple[str, ...]]] = set()
     chains: set[tuple[str, str | None, str | None, int | None, str | None]] = set()
     rules: list[str] = []
-    elements: dict[str, dict[str, Element]] = {s: {} for s in ALL_SETS}
+    elements: dict[str, dict[str, Element]] = {s: {} for s in FIXED_SETS}
     found = False
     for obj in listing:
         if "table" in obj:
@@ -335,12 +448,14 @@ def parse_table(table: str, listing: list[dict[str, Any]]) -> TableState:
                     tuple(spec.get("flags", ())),
                 )
             )
-            if kind == "set" and name in elements:
+            entry = (canonical(spec.get("type")), tuple(spec.get("flags", ())))
+            if kind == "set" and is_our_set(name) and not extra and entry == set_entry(name)[1:]:
+                # (A look-alike of another type is foreign structure: replaced, not read.)
                 duplicates: list[str] = []
                 elements[name] = parse_elements(name, spec.get("elem", []), duplicates)
-                # The kernel accepts a local element whose subnet encloses one it holds, and
-                # deletes match the first point only: element operations cannot repair an
-                # address listed twice, so it counts as damage to the structure (replace).
+                # Only tampering puts two elements for one address in a local set (two network
+                # addresses): the element map cannot hold both, so it counts as damage to the
+                # structure (replace).
                 sets.update((f"duplicate:{name}:{addr}", "", ()) for addr in duplicates)
         elif "chain" in obj:
             c = obj["chain"]

@@ -4,8 +4,10 @@
 in O(IPs of the attachment) per change:
 - `attachments`: key -> record (IPs with their subnets, setup sequence number);
 - `owners`: address -> the attachments that hold it, with the subnet each one gave;
-- `table`: the set elements the kernel should hold (what `plan.desired_table` computes from
-  scratch; a property test keeps the two in agreement);
+- `elements`: the set elements the kernel should hold, by set name (what
+  `plan.desired_table` computes from scratch; a property test keeps the two in agreement).
+  A local set (`local4_<plen>`) is there exactly while it holds an element, so its names are
+  the local sets the table needs;
 - `dirty`: the element keys changed since the reconciler last took them.
 
 An address stays in the table while any attachment holds it; its local element follows the
@@ -23,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from masqd import plan
 from masqd.journal import Journal
 from masqd.plan import AttachmentKeyT, AttachmentRecord
-from masqd.ruleset import ALL_SETS, Element, Policy, family_sets
+from masqd.ruleset import SOURCE_SETS, Element, Policy, sources_set
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ class DesiredState:
         # address -> {owner key: subnet}; dicts keep insertion order, and an owner is
         # re-inserted on every setup, so the last entry is the most recent holder.
         self.owners: dict[str, dict[AttachmentKeyT, str]] = {}
-        self.elements: dict[str, dict[str, Element]] = {name: {} for name in ALL_SETS}
+        self.elements: dict[str, dict[str, Element]] = {name: {} for name in SOURCE_SETS}
+        self._local_of: dict[str, str] = {}  # address -> the local set holding its element
         self.dirty: set[str] = set()
         self.version = 0
         self.max_attachments = max_attachments
@@ -157,19 +160,35 @@ class DesiredState:
 
     def _refresh(self, address: str) -> None:
         """Recompute the elements of one address from its holders."""
-        sources, local = family_sets(address)
+        sources = sources_set(address)
         holders = self.owners.get(address)
         if holders:
             owner = next(reversed(holders))
-            (_, src_elem), (_, local_elem) = plan.elements_for_owner(address, owner, holders[owner])
+            (_, src_elem), (local, local_elem) = plan.elements_for_owner(
+                address, owner, holders[owner]
+            )
             if self.elements[sources].get(address) != src_elem:
                 self.elements[sources][address] = src_elem
                 self.dirty.add(address)
-            if self.elements[local].get(address) != local_elem:
-                self.elements[local][address] = local_elem
+            if self._local_of.get(address) != local:
+                self._drop_local(address)  # the deciding owner's prefix length changed
+                self._local_of[address] = local
+            held = self.elements.setdefault(local, {})
+            if held.get(address) != local_elem:
+                held[address] = local_elem
                 self.dirty.add(address)
         else:
             if self.elements[sources].pop(address, None) is not None:
                 self.dirty.add(address)
-            if self.elements[local].pop(address, None) is not None:
-                self.dirty.add(address)
+            self._drop_local(address)
+
+    def _drop_local(self, address: str) -> None:
+        """Remove an address's local element; a local set left empty goes too."""
+        local = self._local_of.pop(address, None)
+        if local is None:
+            return
+        held = self.elements[local]
+        del held[address]
+        if not held:
+            del self.elements[local]
+        self.dirty.add(address)

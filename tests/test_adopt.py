@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from masqd import plan
 from masqd.adopt import adopt
 from masqd.plan import AttachmentRecord
-from masqd.ruleset import LOCAL4, LOCAL6, SOURCES4, SOURCES6, Element, Policy, TableState
+from masqd.ruleset import SOURCES4, SOURCES6, Element, Policy, TableState
 from tests.conftest import DaemonFactory
 from tests.daemon import kernel_table, nft_listing
 from tests.netns import nft
@@ -36,6 +36,9 @@ v6 = st.tuples(st.integers(0, 3), st.integers(1, 0xFFFF), st.sampled_from([48, 6
 )
 ips = st.lists(st.one_of(v4, v6), min_size=1, max_size=4, unique_by=lambda ip: ip.split("/")[0])
 attachments = st.dictionaries(st.tuples(names, names, ifnames), ips, max_size=12)
+
+LOCAL4_24 = "local4_24"
+LOCAL6_64 = "local6_64"
 
 
 def records(spec: dict[tuple[str, str, str], list[str]]) -> dict:  # type: ignore[type-arg]
@@ -84,7 +87,7 @@ def test_no_table_adopts_nothing() -> None:
 def _table(*elements: tuple[str, Element]) -> TableState:
     table = plan.desired_table({}, Policy())
     for set_name, elem in elements:
-        table.sets[set_name][elem.key] = elem
+        table.sets.setdefault(set_name, {})[elem.key] = elem
     return table
 
 
@@ -92,13 +95,16 @@ def _table(*elements: tuple[str, Element]) -> TableState:
     ("elements", "reason"),
     [
         (
-            [(SOURCES4, Element("198.18.1.2")), (LOCAL4, Element("198.18.1.2", "198.18.1.0/24"))],
+            [
+                (SOURCES4, Element("198.18.1.2")),
+                (LOCAL4_24, Element("198.18.1.2", "198.18.1.0/24")),
+            ],
             "no owner comment",
         ),
         (
             [
                 (SOURCES4, Element("198.18.1.2", None, "net/" + "c" * 120 + "~")),
-                (LOCAL4, Element("198.18.1.2", "198.18.1.0/24", "net/" + "c" * 120 + "~")),
+                (LOCAL4_24, Element("198.18.1.2", "198.18.1.0/24", "net/" + "c" * 120 + "~")),
             ],
             "cut short",
         ),
@@ -107,20 +113,20 @@ def _table(*elements: tuple[str, Element]) -> TableState:
             "no local4 element",
         ),
         (
-            [(LOCAL6, Element("2001:db8::2", "2001:db8::/64", "net/ctr/eth0"))],
+            [(LOCAL6_64, Element("2001:db8::2", "2001:db8::/64", "net/ctr/eth0"))],
             "no sources6 element",
         ),
         (
             [
                 (SOURCES4, Element("198.18.1.2", None, "net/ctr/eth0")),
-                (LOCAL4, Element("198.18.1.2", "198.18.9.0/24", "net/ctr/eth0")),
+                (LOCAL4_24, Element("198.18.1.2", "198.18.9.0/24", "net/ctr/eth0")),
             ],
             "outside its listed subnet",
         ),
         (
             [
                 (SOURCES4, Element("198.18.1.2", None, "bad name!/ctr/eth0")),
-                (LOCAL4, Element("198.18.1.2", "198.18.1.0/24", "bad name!/ctr/eth0")),
+                (LOCAL4_24, Element("198.18.1.2", "198.18.1.0/24", "bad name!/ctr/eth0")),
             ],
             "names no attachment",
         ),
@@ -140,9 +146,9 @@ def test_owner_with_too_many_ips_is_unreadable_whole() -> None:
     elements = []
     for n in range(1, 18):
         elements.append((SOURCES4, Element(f"198.18.1.{n}", None, "net/big/eth0")))
-        elements.append((LOCAL4, Element(f"198.18.1.{n}", "198.18.1.0/24", "net/big/eth0")))
+        elements.append((LOCAL4_24, Element(f"198.18.1.{n}", "198.18.1.0/24", "net/big/eth0")))
     elements.append((SOURCES4, Element("198.18.2.2", None, "net/ok/eth0")))
-    elements.append((LOCAL4, Element("198.18.2.2", "198.18.2.0/24", "net/ok/eth0")))
+    elements.append((LOCAL4_24, Element("198.18.2.2", "198.18.2.0/24", "net/ok/eth0")))
     result = adopt(_table(*elements))
     assert result.attachments == {("net", "ok", "eth0"): ("198.18.2.2/24",)}
     assert len(result.unreadable) == 17
@@ -152,7 +158,7 @@ def test_local_comment_decides_when_the_two_disagree() -> None:
     result = adopt(
         _table(
             (SOURCES4, Element("198.18.1.2", None, "net/old/eth0")),
-            (LOCAL4, Element("198.18.1.2", "198.18.1.0/24", "net/new/eth0")),
+            (LOCAL4_24, Element("198.18.1.2", "198.18.1.0/24", "net/new/eth0")),
         )
     )
     assert result.attachments == {("net", "new", "eth0"): ("198.18.1.2/24",)}
@@ -205,7 +211,7 @@ def test_unreadable_elements_are_reported_and_removed(daemon_factory: DaemonFact
     shutil.rmtree(daemon.state_dir)
     # Someone's element without an owner comment.
     nft(daemon.ns, "add", "element", "inet", "masqd", "sources4", "{ 198.18.21.2 }")
-    nft(daemon.ns, "add", "element", "inet", "masqd", "local4", "{ 198.18.21.2 . 198.18.21.0/24 }")
+    nft(daemon.ns, "add", "element", "inet", "masqd", "local4_24", "{ 198.18.21.2 . 198.18.21.0 }")
     restart(daemon)
     assert daemon.status()["adopted"] == {"attachments": 1, "unreadable": 1}
     assert set(kernel_table(daemon.ns).sets[SOURCES4]) == {"198.18.20.2"}

@@ -25,7 +25,7 @@ from masqd.api import ApiContext, build_app
 from masqd.metrics import Metrics
 from masqd.nft_fake import FakeBackend
 from masqd.reconciler import Reconciler
-from masqd.ruleset import LOCAL4, LOCAL6, SOURCES4, SOURCES6, Policy
+from masqd.ruleset import SOURCES4, SOURCES6, Policy, local_set
 from masqd.state import DesiredState
 from tests.daemon import (
     AsyncClient,
@@ -81,9 +81,9 @@ def test_put_answers_once_the_kernel_holds_the_attachment(
         # Read right after the 200: no waiting, no polling.
         table = kernel_table(shared.ns)
         assert table.sets[SOURCES4][f"198.18.10.{n + 2}"].comment == f"put/c{n}/eth0"
-        assert table.sets[LOCAL4][f"198.18.10.{n + 2}"].subnet == "198.18.10.0/24"
+        assert table.sets[local_set(4, 24)][f"198.18.10.{n + 2}"].subnet == "198.18.10.0/24"
         assert f"2001:db8:10::{n + 2:x}" in table.sets[SOURCES6]
-        assert table.sets[LOCAL6][f"2001:db8:10::{n + 2:x}"].subnet == "2001:db8:10::/64"
+        assert table.sets[local_set(6, 64)][f"2001:db8:10::{n + 2:x}"].subnet == "2001:db8:10::/64"
 
 
 def test_put_answers_with_canonical_ips(client: Client) -> None:
@@ -124,7 +124,7 @@ def test_reput_replaces_the_ips_and_stale_ones_leave_unless_held(
     assert "198.18.13.3" in held  # b still holds it
     assert "198.18.13.4" in held
     assert ok(client.get_attachment("reput", "a", "eth0"))["ips"] == ["198.18.13.4/24"]
-    assert set_elements(shared.ns, LOCAL4)["198.18.13.3"] == "198.18.13.0/24"
+    assert set_elements(shared.ns, local_set(4, 24))["198.18.13.3"] == "198.18.13.0/24"
 
 
 def test_delete_is_idempotent(shared: MasqdProcess, client: Client) -> None:
@@ -153,7 +153,7 @@ def test_the_shared_address_survives_the_teardown_of_one_holder(
     ok(client.delete_attachment("seed", "A", "eth0"))
     table = kernel_table(shared.ns)
     assert table.sets[SOURCES4]["198.18.15.3"].comment == "seed/B/eth0"
-    assert table.sets[LOCAL4]["198.18.15.3"].subnet == "198.18.15.0/24"
+    assert table.sets[local_set(4, 24)]["198.18.15.3"].subnet == "198.18.15.0/24"
     ok(client.delete_attachment("seed", "B", "eth0"))
     assert "198.18.15.3" not in masqueraded(shared.ns)
 
@@ -243,8 +243,11 @@ def test_status_reports_what_operators_need(shared: MasqdProcess, client: Client
     assert isinstance(status["generation"], int)
     table = kernel_table(shared.ns)
     counts = status["kernel_elements"]
-    assert counts["ipv4"] == sum(len(table.sets[s]) for s in ("sources4", "local4", "exempt4"))
-    assert counts["ipv6"] == sum(len(table.sets[s]) for s in ("sources6", "local6", "exempt6"))
+    for family, count in counts.items():
+        v = family[-1]
+        local = {n for n in table.sets if n.startswith(f"local{v}_")}
+        names = {f"sources{v}", f"exempt{v}"} | local
+        assert count == sum(len(table.sets.get(n, {})) for n in names)
     assert status["socket"] == shared.socket and status["state_dir"] == shared.state_dir
     assert status["metrics_address"].startswith("127.0.0.1:")
 

@@ -218,7 +218,7 @@ async def test_a_refused_transaction_is_counted_while_attachments_follow_desired
         state.put(("n", "a", "eth0"), ["198.18.60.2/24", "2001:db8:60::2/64"])
         await reconciler.wait_applied(reconciler.request(), 5)
         assert sample("masqd_attachments") == 1
-        assert sample("masqd_kernel_elements", family="ipv4") == 2  # sources4 + local4
+        assert sample("masqd_kernel_elements", family="ipv4") == 2  # sources4 + local4_<plen>
         assert sample("masqd_kernel_elements", family="ipv6") == 2
         assert sample("masqd_sync_failures_total") == 0
         last_ok = sample("masqd_last_successful_sync_timestamp_seconds")
@@ -283,8 +283,8 @@ def poll(condition: Callable[[], bool], within: float, what: str) -> None:
 def kernel_counts(ns: str) -> dict[str, int]:
     """Elements per family in the kernel's sets, counted as masqd_kernel_elements does."""
     sets = kernel_table(ns).sets
-    v4 = (ruleset.SOURCES4, ruleset.LOCAL4, ruleset.EXEMPT4)
-    v6 = (ruleset.SOURCES6, ruleset.LOCAL6, ruleset.EXEMPT6)
+    v4 = {ruleset.SOURCES4, ruleset.EXEMPT4} | {n for n in sets if n.startswith("local4_")}
+    v6 = {ruleset.SOURCES6, ruleset.EXEMPT6} | {n for n in sets if n.startswith("local6_")}
     return {
         "ipv4": sum(len(sets.get(n, {})) for n in v4),
         "ipv6": sum(len(sets.get(n, {})) for n in v6),

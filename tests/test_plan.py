@@ -17,10 +17,7 @@ from hypothesis import strategies as st
 from masqd import plan, ruleset
 from masqd.plan import AttachmentKeyT, AttachmentRecord, Transaction
 from masqd.ruleset import (
-    ALL_SETS,
     EXEMPT4,
-    LOCAL4,
-    LOCAL6,
     SOURCES4,
     SOURCES6,
     Element,
@@ -30,6 +27,9 @@ from masqd.ruleset import (
 )
 
 TABLE = "masqd"
+L4_24 = ruleset.local_set(4, 24)
+L4_16 = ruleset.local_set(4, 16)
+L6_64 = ruleset.local_set(6, 64)
 
 # ---- strategies -------------------------------------------------------------------------
 
@@ -97,6 +97,9 @@ def damaged(draw: st.DrawFn, table: TableState) -> TableState:
                 "foreign set",
                 "chain",
                 "set type",
+                "local set type",
+                "unused local set",
+                "missing local set",
                 "elements",
             ]
         )
@@ -121,19 +124,38 @@ def damaged(draw: st.DrawFn, table: TableState) -> TableState:
     elif kind == "set type":
         sets = frozenset(x for x in s.sets if x[0] != SOURCES4) | {(SOURCES4, '"ipv6_addr"', ())}
         out.structure = Structure(sets, s.chains, s.rules)
+    elif kind == "local set type":
+        # A look-alike local set (the old interval layout's flags): foreign damage.
+        entry = (L4_16, ruleset.canonical(["ipv4_addr", "ipv4_addr"]), ("interval",))
+        sets = frozenset(x for x in s.sets if x[0] != L4_16) | {entry}
+        out.structure = Structure(sets, s.chains, s.rules)
+        out.sets.pop(L4_16, None)
+    elif kind == "unused local set":
+        # A local set the desired table may not need, with its rule, holding an element.
+        name = ruleset.local_set(4, 8)
+        locals_ = {x[0] for x in s.sets if ruleset.is_local_set(x[0])} | {name}
+        out.structure = ruleset.desired_structure(Policy(), locals_)
+        out.sets[name] = {"198.18.8.8": Element("198.18.8.8", "198.0.0.0/8", "a/b/c")}
+    elif kind == "missing local set":
+        present = sorted(x[0] for x in s.sets if ruleset.is_local_set(x[0]))
+        assume(present)
+        gone = draw(st.sampled_from(present))
+        sets = frozenset(x for x in s.sets if x[0] != gone)
+        out.structure = Structure(sets, s.chains, s.rules)
+        del out.sets[gone]
     # Element damage goes with any structure damage too.
-    for name in ALL_SETS:
+    for name in sorted(out.sets):
         for k in list(out.sets[name]):
             if draw(st.integers(0, 9)) == 0:
                 del out.sets[name][k]
         if draw(st.integers(0, 4)) == 0:
-            if name in (SOURCES4, LOCAL4):
+            if name in (SOURCES4, L4_24):
                 out.sets[name]["198.18.7.7"] = Element(
-                    "198.18.7.7", "198.18.7.0/24" if name == LOCAL4 else None, "x/y/z"
+                    "198.18.7.7", "198.18.7.0/24" if name == L4_24 else None, "x/y/z"
                 )
-            elif name in (SOURCES6, LOCAL6):
+            elif name in (SOURCES6, L6_64):
                 out.sets[name]["2001:db8:7::7"] = Element(
-                    "2001:db8:7::7", "2001:db8:7::/64" if name == LOCAL6 else None, None
+                    "2001:db8:7::7", "2001:db8:7::/64" if name == L6_64 else None, None
                 )
         for k, e in list(out.sets[name].items()):
             if draw(st.integers(0, 9)) == 0:
@@ -155,12 +177,17 @@ def same(a: TableState, b: TableState) -> bool:
 
 
 def element_diff(desired: TableState, observed: TableState) -> set[tuple[str, str]]:
+    """(set, key) of every element that differs, in sets that both tables have."""
     return {
         (name, k)
-        for name in ALL_SETS
+        for name in desired.sets.keys() & observed.sets.keys()
         for k in desired.sets[name].keys() | observed.sets[name].keys()
         if desired.sets[name].get(k) != observed.sets[name].get(k)
     }
+
+
+def local_names(structure: Structure) -> set[str]:
+    return {x[0] for x in structure.sets if ruleset.is_local_set(x[0])}
 
 
 def as_sets(groups: Mapping[str, tuple[Element, ...]]) -> dict[str, frozenset[Element]]:
@@ -179,13 +206,13 @@ def test_desired_table_for_a_dual_stack_attachment() -> None:
         },
         Policy(),
     )
-    assert table.structure == ruleset.desired_structure(Policy())
+    assert table.structure == ruleset.desired_structure(Policy(), [L4_24, L6_64])
     assert table.sets[SOURCES4] == {"198.18.1.2": Element("198.18.1.2", None, "net1/c1/eth0")}
-    assert table.sets[LOCAL4] == {
+    assert table.sets[L4_24] == {
         "198.18.1.2": Element("198.18.1.2", "198.18.1.0/24", "net1/c1/eth0")
     }
     assert table.sets[SOURCES6] == {"2001:db8:1::2": Element("2001:db8:1::2", None, "net1/c1/eth0")}
-    assert table.sets[LOCAL6]["2001:db8:1::2"].subnet == "2001:db8:1::/64"
+    assert table.sets[L6_64]["2001:db8:1::2"].subnet == "2001:db8:1::/64"
 
 
 def test_a_shared_address_follows_its_most_recent_owner() -> None:
@@ -193,9 +220,35 @@ def test_a_shared_address_follows_its_most_recent_owner() -> None:
     older = AttachmentRecord((("198.18.1.3", "198.18.1.0/24"),), 1)
     newer = AttachmentRecord((("198.18.1.3", "198.18.0.0/16"),), 2)
     table = plan.desired_table({b: newer, a: older}, Policy())
-    assert table.sets[LOCAL4]["198.18.1.3"] == Element("198.18.1.3", "198.18.0.0/16", "net1/b/eth0")
+    assert table.sets[L4_16]["198.18.1.3"] == Element("198.18.1.3", "198.18.0.0/16", "net1/b/eth0")
+    assert L4_24 not in table.sets  # one local element per address, so no /24 set
     alone = plan.desired_table({a: older}, Policy())
-    assert alone.sets[LOCAL4]["198.18.1.3"].subnet == "198.18.1.0/24"
+    assert alone.sets[L4_24]["198.18.1.3"].subnet == "198.18.1.0/24"
+    assert L4_16 not in alone.sets
+
+
+def test_local_rules_mask_the_destination_to_their_prefix_length_longest_first() -> None:
+    rules = ruleset.rule_exprs(Policy(), [L4_16, ruleset.local_set(4, 32), L4_24, L6_64])
+    local = [r[0]["match"] for r in rules if str(r[0]["match"]["right"]).startswith("@local")]
+    assert [m["right"] for m in local] == ["@local4_32", "@local4_24", "@local4_16", "@local6_64"]
+    # The kernel lists an all-ones mask as the plain field: so must we, to compare equal.
+    assert local[0]["left"]["concat"][1] == {"payload": {"protocol": "ip", "field": "daddr"}}
+    assert local[2]["left"]["concat"][1] == {
+        "&": [{"payload": {"protocol": "ip", "field": "daddr"}}, "255.255.0.0"]
+    }
+    assert local[3]["left"]["concat"][1]["&"][1] == "ffff:ffff:ffff:ffff::"
+    # Between the exempt return and the masquerade of the family.
+    names = [str(r[0]["match"]["right"]) for r in rules]
+    assert names.index("@exempt4") < names.index("@local4_32")
+    assert names.index("@local4_16") < names.index("@sources4") < names.index("@exempt6")
+
+
+def test_local_set_names_are_recognised_exactly() -> None:
+    assert ruleset.parse_local_set("local4_16") == (4, 16)
+    assert ruleset.parse_local_set("local6_128") == (6, 128)
+    foreign = ("local4", "local6", "local4_33", "local6_129", "local4_016", "local4_", "local4_x")
+    for name in foreign:
+        assert ruleset.parse_local_set(name) is None
 
 
 def test_exempt_cidrs_are_collapsed_since_the_interval_set_refuses_overlaps() -> None:
@@ -258,24 +311,36 @@ def test_the_plan_is_minimal(
     desired = plan.desired_table(attachments, policy)
     tx = plan.plan(desired, observed, table=TABLE, policy=policy)
     assert desired.structure is not None
+
+    def fixed(structure: Structure) -> set[tuple[str, str, tuple[str, ...]]]:
+        return {x for x in structure.sets if not ruleset.is_local_set(x[0])}
+
     structure_ok = observed.structure is not None and (
-        observed.structure.sets == desired.structure.sets
+        fixed(observed.structure) == fixed(desired.structure)
         and observed.structure.chains == desired.structure.chains
+        and all(
+            ruleset.set_entry(x[0]) == x
+            for x in observed.structure.sets - fixed(observed.structure)
+        )
     )
     if not structure_ok:
         # A new table, holding exactly the desired elements, and nothing to delete.
         assert tx.recreate and not tx.delete
-        assert as_sets(tx.add) == as_sets({n: tuple(desired.sets[n].values()) for n in ALL_SETS})
+        assert as_sets(tx.add) == as_sets({n: tuple(e.values()) for n, e in desired.sets.items()})
         return
     assert observed.structure is not None
     assert not tx.recreate
     assert tx.rewrite_rules == (observed.structure.rules != desired.structure.rules)
+    # Local sets: exactly the missing ones added, the unused ones deleted (elements with them).
+    want, have = local_names(desired.structure), local_names(observed.structure)
+    assert set(tx.add_sets) == want - have and set(tx.delete_sets) == have - want
     # Each differing element is deleted if present and added if wanted; nothing else.
     diff = element_diff(desired, observed)
     deleted = {(n, e.key) for n, elems in tx.delete.items() for e in elems}
     added = {(n, e.key) for n, elems in tx.add.items() for e in elems}
     assert deleted == {(n, k) for n, k in diff if k in observed.sets[n]}
-    assert added == {(n, k) for n, k in diff if k in desired.sets[n]}
+    new_sets = {(n, k) for n in tx.add_sets for k in desired.sets[n]}
+    assert added == {(n, k) for n, k in diff if k in desired.sets[n]} | new_sets
     assert tx.element_changes == len(deleted) + len(added)
 
 
@@ -294,6 +359,7 @@ def test_a_partial_plan_that_covers_every_difference_equals_the_full_plan(
     touched = {k for _, k in element_diff(desired, observed)} | extra
     partial = plan.plan(desired, observed, table=TABLE, policy=policy, touched=touched)
     assert (partial.recreate, partial.rewrite_rules) == (full.recreate, full.rewrite_rules)
+    assert (partial.add_sets, partial.delete_sets) == (full.add_sets, full.delete_sets)
     assert as_sets(partial.add) == as_sets(full.add)
     assert as_sets(partial.delete) == as_sets(full.delete)
 
@@ -336,9 +402,9 @@ def test_a_single_setup_on_a_large_table_is_a_handful_of_element_adds() -> None:
         assert tx.element_changes == 4
         assert {n: [e.key for e in es] for n, es in tx.add.items()} == {
             SOURCES4: ["198.18.99.2"],
-            LOCAL4: ["198.18.99.2"],
+            L4_24: ["198.18.99.2"],
             SOURCES6: ["2001:db8:99::2"],
-            LOCAL6: ["2001:db8:99::2"],
+            L6_64: ["2001:db8:99::2"],
         }
         commands = tx.to_json()["nftables"]
         assert len(commands) == 4 and all("add" in c and "element" in c["add"] for c in commands)
@@ -376,26 +442,63 @@ def test_damaged_sets_or_chains_replace_the_table_in_one_batch() -> None:
     assert [next(iter(c)) for c in commands[:3]] == ["add", "delete", "add"]
     assert all("table" in c[v] for c, v in zip(commands[:3], ["add", "delete", "add"], strict=True))
     added = [c["add"]["element"] for c in commands if "element" in c.get("add", {})]
-    assert {a["name"] for a in added} == {SOURCES4, LOCAL4}
+    assert {a["name"] for a in added} == {SOURCES4, L4_24}
     assert "add table inet masqd" in tx.to_script()
 
 
 def test_deletes_go_before_adds_and_carry_no_comment() -> None:
     desired, policy = _table()
     observed = desired.copy()
-    observed.sets[LOCAL4]["198.18.1.2"] = Element("198.18.1.2", "198.18.0.0/16", "old/owner/eth0")
+    observed.sets[L4_24]["198.18.1.2"] = Element("198.18.1.2", "198.18.0.0/24", "old/owner/eth0")
     tx = plan.plan(desired, observed, table=TABLE, policy=policy, touched={"198.18.1.2"})
     commands = tx.to_json()["nftables"]
     assert [next(iter(c)) for c in commands] == ["delete", "add"]
-    assert commands[0]["delete"]["element"]["elem"] == [
-        {"concat": ["198.18.1.2", {"prefix": {"addr": "198.18.0.0", "len": 16}}]}
-    ]
+    assert commands[0]["delete"]["element"]["elem"] == [{"concat": ["198.18.1.2", "198.18.0.0"]}]
     assert commands[1]["add"]["element"]["elem"][0]["elem"]["comment"] == "net1/c1/eth0"
     script = tx.to_script().splitlines()
     assert script == [
-        'delete element inet masqd local4 { 198.18.1.2 . 198.18.0.0/16 comment "old/owner/eth0" }',
-        'add element inet masqd local4 { 198.18.1.2 . 198.18.1.0/24 comment "net1/c1/eth0" }',
+        'delete element inet masqd local4_24 { 198.18.1.2 . 198.18.0.0 comment "old/owner/eth0" }',
+        'add element inet masqd local4_24 { 198.18.1.2 . 198.18.1.0 comment "net1/c1/eth0" }',
     ]
+
+
+def test_a_new_prefix_length_adds_its_set_and_rule_and_an_unused_one_goes() -> None:
+    policy = Policy()
+    a, b = ("net1", "a", "eth0"), ("net1", "b", "eth0")
+    one = {a: AttachmentRecord((("198.18.1.2", "198.18.1.0/24"),), 1)}
+    two = {**one, b: AttachmentRecord((("198.18.2.2", "198.18.0.0/16"),), 2)}
+    before, after = plan.desired_table(one, policy), plan.desired_table(two, policy)
+    tx = plan.plan(after, before, table=TABLE, policy=policy, touched={"198.18.2.2"})
+    assert tx.add_sets == (L4_16,) and tx.rewrite_rules and not tx.recreate
+    verbs = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in tx.to_json()["nftables"]]
+    # New set first, then the rules that refer to it, then its elements.
+    assert verbs[0] == ("add", "set") and verbs[1] == ("flush", "chain")
+    assert verbs[-2:] == [("add", "element"), ("add", "element")]
+    assert "add set inet masqd local4_16 { type ipv4_addr . ipv4_addr; }" in tx.to_script()
+    assert same(plan.apply(tx, before), after)
+    # Its last holder gone: the rules are rewritten without it, then the set is deleted.
+    back = plan.plan(before, after, table=TABLE, policy=policy, touched={"198.18.2.2"})
+    assert back.delete_sets == (L4_16,) and back.rewrite_rules
+    commands = back.to_json()["nftables"]
+    chain = {"family": "inet", "table": TABLE, "name": "postrouting"}
+    assert commands[0] == {"flush": {"chain": chain}}
+    assert commands[-1] == {"delete": {"set": {"family": "inet", "table": TABLE, "name": L4_16}}}
+    assert all(c.get("delete", {}).get("element", {}).get("name") != L4_16 for c in commands)
+    assert same(plan.apply(back, after), before)
+
+
+def test_a_shared_address_moves_between_local_sets_in_one_transaction() -> None:
+    policy = Policy()
+    a, b = ("net1", "a", "eth0"), ("net1", "b", "eth0")
+    older = {a: AttachmentRecord((("198.18.1.3", "198.18.1.0/24"),), 1)}
+    both = {**older, b: AttachmentRecord((("198.18.1.3", "198.18.0.0/16"),), 2)}
+    before, after = plan.desired_table(older, policy), plan.desired_table(both, policy)
+    tx = plan.plan(after, before, table=TABLE, policy=policy, touched={"198.18.1.3"})
+    assert tx.add_sets == (L4_16,) and tx.delete_sets == (L4_24,)
+    assert set(tx.add) == {SOURCES4, L4_16}
+    # Only the sources element's comment (its new owner); the /24 element goes with its set.
+    assert set(tx.delete) == {SOURCES4}
+    assert same(plan.apply(tx, before), after)
 
 
 def test_transaction_is_a_value() -> None:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from masqd import plan, ruleset
+from masqd import plan
 from masqd.journal import Journal
 from masqd.metrics import Metrics
 from masqd.nft import Applied, NftError
 from masqd.nft_fake import FakeBackend, dump_table
 from masqd.plan import Transaction
 from masqd.reconciler import Reconciler, SyncUnavailable
-from masqd.ruleset import LOCAL4, SOURCES4, SOURCES6, Policy, TableState
+from masqd.ruleset import SOURCES4, SOURCES6, Policy
 from masqd.state import DesiredState
 
 TABLE = "masqd"
@@ -56,9 +56,7 @@ class Rig:
         )
 
     def desired_dump(self) -> str:
-        return dump_table(
-            TableState(ruleset.desired_structure(POLICY), self.state.table_sets(POLICY))
-        )
+        return dump_table(self.reconciler.baseline(self.state.elements))
 
     async def put(self, key: tuple[str, str, str], ips: list[str]) -> None:
         """What the API's PUT does: change, request, wait for the kernel."""
@@ -230,7 +228,7 @@ async def test_a_stale_mirror_fails_the_partial_sync_and_a_full_sync_repairs(rig
     "tamper",
     [
         lambda b: b.flush_set(SOURCES4),
-        lambda b: b.delete_element(LOCAL4, "198.18.1.2"),
+        lambda b: b.delete_element("local4_24", "198.18.1.2"),
         lambda b: b.add_rule(),
         lambda b: b.flush_chain(),
         lambda b: b.drop_table(),
@@ -316,7 +314,7 @@ async def test_the_mirror_matches_the_kernel_after_every_sync(rig: Rig) -> None:
             assert mirror is not None
             assert dump_table(mirror) == rig.backend.dump()
         observed = (await rig.backend.observe()).table
-        desired = TableState(ruleset.desired_structure(POLICY), rig.state.table_sets(POLICY))
+        desired = rig.reconciler.baseline(rig.state.elements)
         assert plan.plan(desired, observed, table=TABLE, policy=POLICY).empty
 
 

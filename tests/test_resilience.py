@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from masqd.ruleset import LOCAL4, SOURCES4, SOURCES6
+from masqd.ruleset import SOURCES4, SOURCES6, local_set
 from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, kernel_table, nft_listing
 from tests.netns import probe, topology
@@ -217,7 +217,7 @@ def test_graceful_stop_leaves_the_table_in_place(daemon_factory: DaemonFactory) 
     assert daemon.stop() == 0
     assert "stays in the kernel" in daemon.log_path.read_text()
     assert without_handles(nft_listing(daemon.ns)) == before
-    assert kernel_table(daemon.ns).sets[LOCAL4]["198.18.30.2"].subnet == "198.18.30.0/24"
+    assert kernel_table(daemon.ns).sets[local_set(4, 24)]["198.18.30.2"].subnet == "198.18.30.0/24"
 
 
 # ---- a corrupt journal ------------------------------------------------------------------
