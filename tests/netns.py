@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 _counter = itertools.count()
 
 
-def run(*cmd: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    *cmd: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, input=input, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
 
 
-def ns_run(ns: str, *cmd: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def ns_run(
+    ns: str, *cmd: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return run("ip", "netns", "exec", ns, *cmd, input=input, check=check)
 
 
@@ -57,7 +61,9 @@ def netns(role: str = "ns") -> Iterator[str]:
         run("ip", "netns", "del", name, check=False)
 
 
-def nft(ns: str, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def nft(
+    ns: str, *args: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return ns_run(ns, "nft", *args, input=input, check=check)
 
 
@@ -82,7 +88,21 @@ class Endpoint:
 def veth(a: Endpoint, b: Endpoint) -> None:
     """Join two namespaces with a veth pair and configure both ends."""
     tmp_a, tmp_b = new_name("va"), new_name("vb")
-    run("ip", "link", "add", tmp_a, "netns", a.ns, "type", "veth", "peer", "name", tmp_b, "netns", b.ns)
+    run(
+        "ip",
+        "link",
+        "add",
+        tmp_a,
+        "netns",
+        a.ns,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        tmp_b,
+        "netns",
+        b.ns,
+    )
     for end, tmp in ((a, tmp_a), (b, tmp_b)):
         ns_run(end.ns, "ip", "link", "set", tmp, "name", end.ifname)
         ns_run(end.ns, "ip", "addr", "add", end.ip4, "dev", end.ifname)
@@ -142,7 +162,9 @@ _ECHO_SERVER = (
 
 def start_echo_server(ns: str, port: int = ECHO_PORT) -> subprocess.Popen[bytes]:
     """A TCP server in `ns` that answers every connection with the source address it saw."""
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _ECHO_SERVER, str(port)])
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", _ECHO_SERVER, str(port)]
+    )
     for _ in range(100):
         out = ns_run(ns, "ss", "-Htln", check=False).stdout
         if f":{port} " in out and out.count(f":{port} ") >= 2:
@@ -160,7 +182,7 @@ def probe(ns: str, dst: str, port: int = ECHO_PORT, timeout: float = 2.0) -> str
 
 @contextlib.contextmanager
 def topology(containers: int = 1) -> Iterator[Topology]:
-    """Build the topology described in `Topology`; container n gets 198.18.n.2/24, 2001:db8:n::2/64."""
+    """The topology described in `Topology`; container n is 198.18.n.2/24, 2001:db8:n::2/64."""
     with contextlib.ExitStack() as stack:
         host = stack.enter_context(netns("host"))
         outside = stack.enter_context(netns("out"))
