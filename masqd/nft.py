@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import ctypes
 import ctypes.util
+import gc
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from masqd.ruleset import TableState
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000
+BIG_TRANSACTION = 10_000  # element changes
 
 
 class NftError(Exception):
@@ -251,10 +253,19 @@ class KernelBackend:
     def _apply(self, tx: Transaction) -> Applied:
         runner, gen = self._ensure()
         before = gen.read()
-        payload = tx.to_json()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("nft transaction:\n%s", tx.to_script())
-        runner.run(payload)
+        # Encoding a whole table (a repair at 100,000 attachments) allocates millions of
+        # short-lived containers: the cyclic GC would walk them repeatedly for nothing.
+        big = tx.recreate or tx.element_changes > BIG_TRANSACTION
+        if big:
+            gc.disable()
+        try:
+            payload = tx.to_json()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("nft transaction:\n%s", tx.to_script())
+            runner.run(payload)
+        finally:
+            if big:
+                gc.enable()
         after = gen.read()
         return Applied(after, exclusive=after == before + 1)
 
