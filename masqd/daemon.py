@@ -49,6 +49,7 @@ from masqd.config import (
 )
 from masqd.events import EventWatcher
 from masqd.journal import Entry, Journal
+from masqd.memory import release_heap
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentKey, key_problem
@@ -281,6 +282,7 @@ class Daemon:
         finally:
             gc.enable()
             gc.freeze()
+            release_heap()
         if not self.journal_found or self.journal_problems:
             await self.adopt_kernel_table()
         self.prepare_spool_dir()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from masqd import events, ruleset
+from masqd.memory import release_heap
 from masqd.plan import Transaction
 from masqd.ruleset import TableState
 
@@ -263,9 +264,11 @@ class KernelBackend:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("nft transaction:\n%s", tx.to_script())
             runner.run(payload)
+            del payload  # before trimming the heap
         finally:
             if big:
                 gc.enable()
+                release_heap()
         after = gen.read()
         return Applied(after, exclusive=after == before + 1)
 
