@@ -69,10 +69,7 @@ def table_script(attachments: Iterable[Attachment], table: str = TABLE) -> str:
         f"add set {t} exempt4 {{ type ipv4_addr ; flags interval ; }}",
         f"add set {t} sources6 {{ type ipv6_addr ; }}",
         f"add set {t} exempt6 {{ type ipv6_addr ; flags interval ; }}",
-        *(
-            f"add set {t} {n} {{ type ipv{n[5]}_addr . ipv{n[5]}_addr ; }}"
-            for n in locals_
-        ),
+        *(f"add set {t} {n} {{ type ipv{n[5]}_addr . ipv{n[5]}_addr ; }}" for n in locals_),
         f"add chain {t} postrouting {{ {_BASE_CHAIN} }}",
         f"add rule {t} postrouting ip daddr 224.0.0.0/4 return",
         f"add rule {t} postrouting ip daddr @exempt4 return",

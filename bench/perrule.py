@@ -41,6 +41,8 @@ TABLE = "cni_plugins_masquerade"
 CHAIN = "masq_checks"
 TABLE_COMMENT = "Masquerading for plugins from github.com/containernetworking/plugins"
 CHAIN_COMMENT = "Masquerade traffic from certain IPs to any (non-multicast) IP outside their subnet"
+
+
 def _quote(text: str) -> str:
     # Go's %q for the printable ASCII these comments hold.
     return json.dumps(text)

@@ -233,8 +233,7 @@ def format_adoption(report: dict[str, Any]) -> str:
     if adopted:
         lines.append(table(attachment_rows(adopted), ["NETWORK", "CONTAINER", "IFNAME", "IPS"]))
     lines.append(
-        f"adopted {len(adopted)} attachments; deleted {report.get('deleted_rules', 0)} "
-        "legacy rules"
+        f"adopted {len(adopted)} attachments; deleted {report.get('deleted_rules', 0)} legacy rules"
     )
     for left in report.get("left") or []:
         lines.append(

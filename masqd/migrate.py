@@ -424,9 +424,7 @@ class Migrator:
         for attempt in range(1, DELETE_ATTEMPTS + 1):
             if not todo:
                 break
-            batch = [
-                {"delete": {"rule": self._rule_ref(LEGACY_CHAIN, handle)}} for handle in todo
-            ]
+            batch = [{"delete": {"rule": self._rule_ref(LEGACY_CHAIN, handle)}} for handle in todo]
             try:
                 await self.nft.run_json({"nftables": batch})
             except NftError as exc:

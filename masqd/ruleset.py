@@ -166,8 +166,6 @@ def sources_set(address: str) -> str:
     return SOURCES6 if ":" in address else SOURCES4
 
 
-
-
 def owner_comment(network: str, container_id: str, ifname: str) -> str:
     """'network/container/ifname', cut to what nftables stores, the cut marked."""
     comment = f"{network}/{container_id}/{ifname}"

@@ -91,7 +91,11 @@ def units_with_existing_binary(tmp_path: Path) -> Path:
 @needs_systemd_analyze
 def test_units_pass_systemd_analyze_verify(units_with_existing_binary: Path) -> None:
     proc = run(
-        "systemd-analyze", "verify", "--man=no", "./masqd.socket", "./masqd.service",
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        "./masqd.socket",
+        "./masqd.service",
         cwd=units_with_existing_binary,
     )
     # verify exits 0 on mere warnings (an unknown key is one), so silence is the criterion.
@@ -109,7 +113,11 @@ def test_verify_would_catch_a_mistake(units_with_existing_binary: Path) -> None:
 @needs_systemd_analyze
 def test_service_sandbox_exposure_is_low(units_with_existing_binary: Path) -> None:
     proc = run(
-        "systemd-analyze", "security", "--offline=true", "--no-pager", "./masqd.service",
+        "systemd-analyze",
+        "security",
+        "--offline=true",
+        "--no-pager",
+        "./masqd.service",
         cwd=units_with_existing_binary,
     )
     found = re.search(r"Overall exposure level for masqd\.service: ([0-9.]+)", proc.stdout)
@@ -264,9 +272,7 @@ def installed_cni(tmp_path: Path) -> Path:
     build = run(IMAGE / "build-cni-pyz.sh", REPO, share / "masqd-cni.pyz")
     assert build.returncode == 0, build.stderr
     shutil.copy(IMAGE / "masqd-cni.sh", share / "masqd-cni.sh")
-    install = run(
-        IMAGE / "install-cni.sh", cni_bin, env={**os.environ, "MASQD_SHARE": str(share)}
-    )
+    install = run(IMAGE / "install-cni.sh", cni_bin, env={**os.environ, "MASQD_SHARE": str(share)})
     assert install.returncode == 0, install.stderr
     return cni_bin
 

@@ -39,8 +39,7 @@ _TABLE = {"family": "inet", "name": TABLE}
 TAMPERING: dict[str, list[dict[str, Any]]] = {
     "flush-every-chain": [{"flush": {"chain": {**_T, "name": CHAIN}}}],
     "flush-every-set": [
-        {"flush": {"set": {**_T, "name": name}}}
-        for name in (*FIXED_SETS, "local4_24", "local6_64")
+        {"flush": {"set": {**_T, "name": name}}} for name in (*FIXED_SETS, "local4_24", "local6_64")
     ],
     "delete-table": [{"delete": {"table": _TABLE}}],
     "foreign-accept-rule": [
