@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,8 @@ def address_subnet(ip: str) -> tuple[str, str]:
             bits = int(prefix)
             mask = ((1 << width) - 1) ^ ((1 << (width - bits)) - 1)
             network = (int.from_bytes(packed, "big") & mask).to_bytes(width // 8, "big")
-            subnet = f"{socket.inet_ntop(family, network)}/{bits}"
+            # Interned: every attachment of a network shares one string.
+            subnet = sys.intern(f"{socket.inet_ntop(family, network)}/{bits}")
             return socket.inet_ntop(family, packed), subnet
     iface = ipaddress.ip_interface(ip)
     return str(iface.ip), str(iface.network)
@@ -81,7 +83,8 @@ def elements_for_owner(
 ) -> tuple[tuple[str, Element], tuple[str, Element]]:
     """The (sources, local) elements that the deciding owner of `address` puts in the table."""
     sources, local = sources_set(address), local_set_of(address, subnet)
-    comment = owner_comment(*owner)
+    # Interned: a dual-stack attachment's addresses share one comment string.
+    comment = sys.intern(owner_comment(*owner))
     return (sources, Element(address, None, comment)), (local, Element(address, subnet, comment))
 
 

@@ -53,7 +53,7 @@ def test_a_shared_address_stays_while_another_attachment_holds_it() -> None:
     state.delete(A)
     assert state.elements[SOURCES4]["198.18.1.3"].comment == "net1/b/eth0"
     assert local_subnet(state, "198.18.1.3") == "198.18.1.0/24"
-    assert state.owners["198.18.1.3"] == {B: "198.18.1.0/24"}
+    assert state.holders("198.18.1.3") == {B: "198.18.1.0/24"}
     state.delete(B)
     assert "198.18.1.3" not in state.elements[SOURCES4]
     assert "198.18.1.3" not in state.owners
@@ -251,8 +251,8 @@ class OwnerIndexMachine(RuleBasedStateMachine):
         for key, record in self.state.attachments.items():
             for address, subnet in record.ips:
                 expected.setdefault(address, {})[key] = subnet
-        assert {a: dict(h) for a, h in self.state.owners.items()} == expected
-        for holders in self.state.owners.values():
+        assert {a: self.state.holders(a) for a in self.state.owners} == expected
+        for holders in map(self.state.holders, self.state.owners):
             # The last holder is the one with the highest setup sequence.
             newest = max(holders, key=lambda k: self.state.attachments[k].seq)
             assert next(reversed(holders)) == newest
