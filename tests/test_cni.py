@@ -33,11 +33,11 @@ from typing import Any
 import pytest
 
 from masqd import cni, spool
+from tests.daemon import MasqdProcess, masqueraded
 from tests.netns import (
     Endpoint,
     enable_forwarding,
     netns,
-    nft,
     ns_run,
     probe,
     start_echo_server,
@@ -760,7 +760,6 @@ def test_an_unexpected_exception_still_reaches_the_runtime_as_an_error_object(
 
 OUTSIDE4, OUTSIDE6 = "198.19.0.2", "2001:db8:ff::2"
 HOST_OUTSIDE4, HOST_OUTSIDE6 = "198.19.0.1", "2001:db8:ff::1"
-READY_TIMEOUT = 30.0
 
 
 def require_kernel() -> None:
@@ -789,74 +788,19 @@ def run_in(
     return Outcome(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
-class Masqd:
-    """The real daemon, in the host namespace, with its socket and journal in `workdir`."""
+class Masqd(MasqdProcess):
+    """The real daemon (tests/daemon.py), with the views of it these tests read."""
 
-    def __init__(self, ns: str, workdir: str) -> None:
-        self.ns = ns
-        self.socket = f"{workdir}/run/masqd.sock"
-        self.spool_dir = f"{workdir}/run/spool"
-        self.state_dir = f"{workdir}/state"
-        self.log = f"{workdir}/masqd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.ns,
-            str(MASQD),
-            "--socket",
-            self.socket,
-            "--state-dir",
-            self.state_dir,
-            "--metrics-listen",
-            "",
-            "--log-level",
-            "info",
-        ]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"masqd exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(cni.DaemonUnreachable):
-                if cni.http_request(self.socket, "GET", "/readyz", None, timeout=2)[0] == 200:
-                    return
-            time.sleep(0.02)
-        pytest.fail(f"masqd not ready after {READY_TIMEOUT}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def log_tail(self) -> str:
-        return "\n".join(Path(self.log).read_text(errors="replace").splitlines()[-30:])
+    @property
+    def spool_dir(self) -> str:
+        return spool.spool_dir_for(self.socket)
 
     def get(self, network: str, container_id: str, ifname: str = "eth0") -> int:
-        target = f"/v1/attachments/{network}/{container_id}/{ifname}"
-        return cni.http_request(self.socket, "GET", target, None, timeout=5)[0]
+        return self.client.get(f"/v1/attachments/{network}/{container_id}/{ifname}").status
 
     def kernel_sources(self) -> set[str]:
         """The addresses the kernel masquerades: the elements of the sources sets."""
-        out = nft(self.ns, "--json", "list", "table", "inet", "masqd").stdout
-        found: set[str] = set()
-        for obj in json.loads(out)["nftables"]:
-            s = obj.get("set")
-            if s and s["name"].startswith("sources"):
-                found.update(
-                    e["elem"]["val"] if isinstance(e, dict) else e for e in s.get("elem", [])
-                )
-        return found
+        return masqueraded(self.ns)
 
 
 @dataclass
@@ -952,7 +896,7 @@ def kernel_host(workdir: str) -> Iterator[tuple[str, Masqd]]:
         # No duplicate address detection: addresses are usable at once, probes need no wait.
         ns_run(host, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
         enable_forwarding(host)
-        masqd = Masqd(host, workdir)
+        masqd = Masqd(host, Path(workdir))
         masqd.start()
         try:
             yield host, masqd
