@@ -52,7 +52,7 @@ from masqd.journal import Entry, Journal
 from masqd.memory import release_heap
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
-from masqd.models import AttachmentKey, key_problem
+from masqd.models import AttachmentKey
 from masqd.nft import Backend, KernelBackend, NftError
 from masqd.reconciler import Reconciler, SyncUnavailable
 from masqd.ruleset import Policy
@@ -116,26 +116,9 @@ class Daemon:
     def load_journal(self) -> None:
         loaded = self.journal.load()
         self.journal_found = loaded.found
-        markers = [i for i, e in enumerate(loaded.entries) if e.op == "synced"]
         # A journal with unreadable lines does not say what the kernel held: list it.
-        last_marker = markers[-1] if markers and not loaded.problems else None
-        for index, entry in enumerate(loaded.entries):
-            if entry.op == "synced":
-                if index == last_marker:
-                    self._seed_from_marker(entry)
-                continue
-            problem = key_problem(*entry.key)
-            if problem is not None:
-                loaded.problems.append(f"journal record for {entry.key}: {problem}; skipped")
-                continue
-            key = entry.key
-            try:
-                if entry.op == "put":
-                    self.state.load(key, entry.ips)
-                else:
-                    self.state.unload(key)
-            except ValueError as exc:
-                loaded.problems.append(f"journal record for {entry.key}: {exc}; skipped")
+        seed = None if loaded.problems else self._seed_from_marker
+        loaded.problems += self.state.replay(loaded.entries, at_last_marker=seed)
         for problem in loaded.problems:
             log.error("journal: %s", problem)
         self.journal_problems = loaded.problems

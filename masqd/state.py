@@ -20,10 +20,11 @@ All methods run on the event loop thread; nothing here awaits, so changes are se
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from masqd import plan
-from masqd.journal import Journal
+from masqd.journal import Entry, Journal
+from masqd.models import key_problem
 from masqd.plan import AttachmentKeyT, AttachmentRecord
 from masqd.ruleset import SOURCE_SETS, Element, Policy, sources_set
 
@@ -117,6 +118,36 @@ class DesiredState:
         for key, _ in stale:
             self.delete(key)
         return stale
+
+    def replay(
+        self, entries: Sequence[Entry], *, at_last_marker: Callable[[Entry], None] | None = None
+    ) -> list[str]:
+        """Rebuild from journal records, without journalling them again; the problems found.
+
+        `at_last_marker` is called at the last "synced" marker, with the state as the kernel
+        held it then (see `journal.Entry`). A record whose key or IPs are not valid any more
+        is skipped and reported, never raised.
+        """
+        markers = [i for i, e in enumerate(entries) if e.op == "synced"]
+        last_marker = markers[-1] if markers and at_last_marker is not None else None
+        problems: list[str] = []
+        for index, entry in enumerate(entries):
+            if entry.op == "synced":
+                if index == last_marker and at_last_marker is not None:
+                    at_last_marker(entry)
+                continue
+            problem = key_problem(*entry.key)
+            if problem is not None:
+                problems.append(f"journal record for {entry.key}: {problem}; skipped")
+                continue
+            try:
+                if entry.op == "put":
+                    self.load(entry.key, entry.ips)
+                else:
+                    self.unload(entry.key)
+            except ValueError as exc:
+                problems.append(f"journal record for {entry.key}: {exc}; skipped")
+        return problems
 
     def load(self, key: AttachmentKeyT, ips: Iterable[str]) -> None:
         """Put without journalling: for replaying the journal itself."""

@@ -27,12 +27,8 @@ def replay(directory: Path) -> tuple[DesiredState, list[str]]:
     """A fresh desired state from the journal, as the daemon loads it at start-up."""
     loaded = Journal(directory).load()
     state = DesiredState()
-    for entry in loaded.entries:
-        if entry.op == "put":
-            state.load(entry.key, entry.ips)
-        else:
-            state.unload(entry.key)
-    return state, loaded.problems
+    problems = state.replay(loaded.entries)
+    return state, loaded.problems + problems
 
 
 def attachments(state: DesiredState) -> dict[tuple[str, str, str], tuple[tuple[str, str], ...]]:
@@ -216,9 +212,5 @@ def test_replay_rebuilds_the_state_and_is_idempotent(
     assert attachments(replayed) == attachments(state)
     assert replayed.elements == state.elements
     # Replaying the same records again on top changes nothing.
-    for entry in Journal(directory).load().entries:
-        if entry.op == "put":
-            replayed.load(entry.key, entry.ips)
-        else:
-            replayed.unload(entry.key)
+    replayed.replay(Journal(directory).load().entries)
     assert attachments(replayed) == attachments(state)

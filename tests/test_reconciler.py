@@ -287,11 +287,7 @@ async def test_changes_are_journalled_before_they_are_acknowledged(
         await rig.delete(A)
     journal.close()
     replayed = DesiredState()
-    for entry in Journal(tmp_path).load().entries:
-        if entry.op == "put":
-            replayed.load(entry.key, entry.ips)
-        else:
-            replayed.unload(entry.key)
+    replayed.replay(Journal(tmp_path).load().entries)
     assert set(replayed.attachments) == {B}
 
 

@@ -155,11 +155,7 @@ def test_changes_are_journalled_and_replay_to_the_same_elements(tmp_path: Path) 
     journal.write_pending(lines)
     journal.close()
     replayed = DesiredState()
-    for entry in Journal(tmp_path).load().entries:
-        if entry.op == "put":
-            replayed.load(entry.key, entry.ips)
-        else:
-            replayed.unload(entry.key)
+    replayed.replay(Journal(tmp_path).load().entries)
     assert replayed.attachments.keys() == state.attachments.keys()
     assert replayed.elements == state.elements
 
