@@ -21,7 +21,7 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,13 +124,70 @@ def _measure(container_ns: str, dst: str, seconds: float, concurrency: int) -> d
     return result
 
 
+def wait_listening(ns: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while f":{port} " not in ns_run(ns, "ss", "-Htln").stdout:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the connection sink is not listening on port {port}")
+        time.sleep(0.05)
+
+
+def interleaved_rounds(
+    *,
+    host: str,
+    container: Endpoint,
+    outside: str,
+    dst: str,
+    masqueraded_as: str,
+    tables: dict[tuple[str, int], str],
+    rounds: int,
+    seconds: float,
+    concurrency: int,
+    progress: Callable[[str, str], None],
+    unit: str,
+) -> dict[tuple[str, int], list[dict[str, float]]]:
+    """Connection-rate samples per (kind, size): each round loads every table in turn into
+    the host (an empty script: no NAT at all), so all of them see the same machine load.
+
+    In the first round a probe checks each table does what it should (the sink sees the
+    host's address, or the container's own without NAT) before its rate counts.
+    """
+    samples: dict[tuple[str, int], list[dict[str, float]]] = {c: [] for c in tables}
+    budget = len(tables) * rounds * (seconds + 5) + 60
+    serve = module_command(
+        "bench.connload", "serve", "--port", str(SINK_PORT), "--max-seconds", str(budget)
+    )
+    sink = subprocess.Popen(["ip", "netns", "exec", outside, *serve])
+    try:
+        wait_listening(outside, SINK_PORT)
+        for r in range(rounds):
+            for (kind, n), script in tables.items():
+                nft(host, "flush", "ruleset")
+                if script:
+                    nft(host, "-f", "-", input=script)
+                if r == 0:
+                    seen = probe(container.ns, dst)
+                    want = masqueraded_as if script else container.addr4
+                    if seen != want:
+                        raise RuntimeError(f"{kind} at {n}: server saw {seen}, expected {want}")
+                m = _measure(container.ns, dst, seconds, concurrency)
+                samples[(kind, n)].append(m)
+                progress(
+                    f"round {r + 1}/{rounds} {kind} {n:,} {unit}",
+                    f"{m['rate']:,.0f} conn/s ({m['failed']:.0f} failed)",
+                )
+    finally:
+        sink.kill()
+        sink.wait()
+    return samples
+
+
 def run(*, quick: bool, progress: Progress) -> Result:
     sizes = [0, 100] if quick else [0, 1000, 10000]
     seconds = 0.5 if quick else 3.0
     rounds = 1 if quick else 3
     concurrency = 128
     configs = [("none", 0)] + [(k, n) for n in sizes for k in KINDS]
-    samples: dict[tuple[str, int], list[dict[str, float]]] = {c: [] for c in configs}
 
     with _topology() as topo:
         ctr = topo.container
@@ -139,37 +196,17 @@ def run(*, quick: bool, progress: Progress) -> Result:
         # Reset flows leave conntrack entries in CLOSE; let them go quickly.
         ns_run(topo.host, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_close=1")
         me = Attachment("bench", "measured", "eth0", (ctr.ip4,))
-        scripts: dict[tuple[str, int], str] = {}
+        scripts: dict[tuple[str, int], str] = {("none", 0): ""}
         origin: dict[str, Any] = {}
         for n in sizes:
-            scripts[("per-rule", n)] = _per_rule_script(n, me)
             scripts[("masqd", n)], origin[str(n)] = _masqd_script(n, me, progress)
-        budget = len(configs) * rounds * (seconds + 5) + 60
-        serve = module_command(
-            "bench.connload", "serve", "--port", str(SINK_PORT), "--max-seconds", str(budget)
-        )
-        sink = subprocess.Popen(["ip", "netns", "exec", topo.outside.ns, *serve])
-        try:
-            time.sleep(0.3)
-            for r in range(rounds):
-                for kind, n in configs:
-                    nft(topo.host, "flush", "ruleset")
-                    if kind != "none":
-                        nft(topo.host, "-f", "-", input=scripts[(kind, n)])
-                    if r == 0:
-                        seen = probe(ctr.ns, dst)
-                        want = ctr.addr4 if kind == "none" else topo.host_outside4
-                        if seen != want:
-                            raise RuntimeError(f"{kind} at {n}: server saw {seen}, expected {want}")
-                    m = _measure(ctr.ns, dst, seconds, concurrency)
-                    samples[(kind, n)].append(m)
-                    progress(
-                        f"round {r + 1}/{rounds} {kind} {n:,} attachments",
-                        f"{m['rate']:,.0f} conn/s ({m['failed']:.0f} failed)",
-                    )
-        finally:
-            sink.kill()
-            sink.wait()
+            scripts[("per-rule", n)] = _per_rule_script(n, me)
+        samples = interleaved_rounds(
+            host=topo.host, container=ctr, outside=topo.outside.ns, dst=dst,
+            masqueraded_as=topo.host_outside4, tables={c: scripts[c] for c in configs},
+            rounds=rounds, seconds=seconds, concurrency=concurrency, progress=progress,
+            unit="attachments",
+        )  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     base = {k: statistics.median(s["rate"] for s in samples[(k, 0)]) for k in KINDS}

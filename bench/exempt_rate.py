@@ -26,7 +26,6 @@ import argparse
 import ipaddress
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +35,8 @@ from typing import Any
 
 from bench import daemon
 from bench.addresses import Attachment
-from bench.conn_rate import SINK_PORT
-from bench.conn_rate import _measure as measure
-from bench.harness import REPO_ROOT
-from tests.netns import nft, ns_run, probe, topology
+from bench.conn_rate import interleaved_rounds
+from tests.netns import nft, ns_run, topology
 
 NAME = "exempt-rate"
 SIZES = (0, 5000)
@@ -70,14 +67,6 @@ def daemon_table(count: int, me: Attachment) -> tuple[str, dict[str, int]]:
     return listing, {"exempt4": counts.get("exempt4", 0), "exempt6": counts.get("exempt6", 0)}
 
 
-def _wait_listening(ns: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while f":{port} " not in ns_run(ns, "ss", "-Htln").stdout:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the connection sink is not listening on port {port}")
-        time.sleep(0.05)
-
-
 def run(quick: bool = False, progress: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """Measure; a dict with the parameters, one row per configuration, and the ratio."""
 
@@ -89,7 +78,6 @@ def run(quick: bool = False, progress: Callable[[str, str], None] | None = None)
     rounds = 1 if quick else 5
     concurrency = 128
     configs: list[tuple[str, int]] = [("none", 0)] + [("masqd", n) for n in SIZES]
-    samples: dict[tuple[str, int], list[dict[str, float]]] = {c: [] for c in configs}
     started = time.monotonic()
 
     with topology(1) as topo:
@@ -107,33 +95,13 @@ def run(quick: bool = False, progress: Callable[[str, str], None] | None = None)
             say(f"daemon wrote the table with {n:,} exempt CIDRs", f"kernel sets: {sets[n]}")
             if sets[n]["exempt4"] != n:
                 raise RuntimeError(f"expected {n} exempt4 elements, the kernel holds {sets[n]}")
-        budget = len(configs) * rounds * (seconds + 5) + 60
-        sink = subprocess.Popen(
-            ["ip", "netns", "exec", topo.outside, sys.executable, "-m", "bench.connload",
-             "serve", "--port", str(SINK_PORT), "--max-seconds", str(budget)],
-            cwd=REPO_ROOT,
+        scripts = {("none", 0): ""} | {("masqd", n): tables[n] for n in SIZES}
+        samples = interleaved_rounds(
+            host=topo.host, container=ctr, outside=topo.outside, dst=dst,
+            masqueraded_as=topo.host_outside4, tables={c: scripts[c] for c in configs},
+            rounds=rounds, seconds=seconds, concurrency=concurrency, progress=say,
+            unit="exempt CIDRs",
         )  # fmt: skip
-        try:
-            _wait_listening(topo.outside, SINK_PORT)
-            for r in range(rounds):
-                for kind, n in configs:
-                    nft(topo.host, "flush", "ruleset")
-                    if kind != "none":
-                        nft(topo.host, "-f", "-", input=tables[n])
-                    if r == 0:
-                        seen = probe(ctr.ns, dst)
-                        want = ctr.addr4 if kind == "none" else topo.host_outside4
-                        if seen != want:
-                            raise RuntimeError(f"{kind} {n}: server saw {seen}, expected {want}")
-                    m = measure(ctr.ns, dst, seconds, concurrency)
-                    samples[(kind, n)].append(m)
-                    say(
-                        f"round {r + 1}/{rounds} {kind} {n:,} exempt CIDRs",
-                        f"{m['rate']:,.0f} conn/s ({m['failed']:.0f} failed)",
-                    )
-        finally:
-            sink.kill()
-            sink.wait()
 
     rows = []
     medians: dict[tuple[str, int], float] = {}
