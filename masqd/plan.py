@@ -15,6 +15,7 @@ cheapest that reaches the desired table:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import socket
@@ -89,7 +90,16 @@ def elements_for_owner(
 
 
 def exempt_elements(policy: Policy) -> dict[str, dict[str, Element]]:
-    """The exempt sets' elements: CIDRs collapsed, since an interval set refuses overlaps."""
+    """The exempt sets' elements: CIDRs collapsed, since an interval set refuses overlaps.
+
+    Fresh dicts (callers may change them) over elements computed once per policy: every
+    sync asks, and collapsing 5,000 CIDRs each time would put milliseconds on every setup.
+    """
+    return {name: dict(elems) for name, elems in _exempt_elements(policy).items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _exempt_elements(policy: Policy) -> dict[str, dict[str, Element]]:
     out: dict[str, dict[str, Element]] = {}
     for name, cidrs in ((EXEMPT4, policy.exempt4), (EXEMPT6, policy.exempt6)):
         nets: list[str] = [
