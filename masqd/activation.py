@@ -73,7 +73,7 @@ def listen_fds(
 
 
 def unix_listener(
-    path: str, *, mode: int = 0o660, dir_mode: int = 0o750, backlog: int = 128
+    path: str, *, mode: int = 0o660, dir_mode: int = 0o750, backlog: int = socket.SOMAXCONN
 ) -> socket.socket:
     """A listening Unix stream socket bound at `path` with permission bits `mode`.
 

@@ -33,7 +33,12 @@ class LimitedSockSite(web.SockSite):
     def __init__(
         self, runner: web.BaseRunner, sock: socket.socket, *, max_connections: int
     ) -> None:
-        super().__init__(runner, sock)
+        # asyncio listens on the socket again with this backlog (a passed one too). aiohttp's
+        # default of 128 is too short: a runtime starting hundreds of containers at once
+        # connects faster than one loop turn accepts, and a Unix socket connect beyond the
+        # backlog fails with EAGAIN, which asyncio clients misread as connected. SOMAXCONN is
+        # also what systemd's `Backlog=` defaults to.
+        super().__init__(runner, sock, backlog=socket.SOMAXCONN)
         self.max_connections = max_connections
         self.refused = 0
 

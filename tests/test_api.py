@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -218,6 +219,33 @@ def test_concurrent_setups_are_all_applied(shared: MasqdProcess) -> None:
     assert all(f"198.18.{20 + i // 200}.{i % 200 + 2}" in held for i in range(n))
     syncs = shared.status()["syncs"]["total"] - syncs_before
     assert syncs < n / 2, syncs  # coalesced
+
+
+def test_connections_queue_while_the_daemon_is_busy(shared: MasqdProcess) -> None:
+    """Hundreds of clients connecting in the same instant (a node starting many containers)
+    wait in the listen backlog: a non-blocking connect is never refused with EAGAIN, which
+    asyncio clients misread as connected. The daemon is stopped so that nothing is accepted."""
+    assert shared.proc is not None
+    n = 600
+    socks: list[socket.socket] = []
+    shared.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(n):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setblocking(False)
+            sock.connect(shared.socket)  # BlockingIOError here: the backlog was full
+            sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: masqd\r\nConnection: close\r\n\r\n")
+    finally:
+        shared.proc.send_signal(signal.SIGCONT)
+    try:
+        for sock in socks:
+            sock.setblocking(True)
+            sock.settimeout(30)
+            assert sock.recv(64).startswith(b"HTTP/1.1 200 "), "a queued client was not served"
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 # ---- health, status, the socket ----------------------------------------------------------
