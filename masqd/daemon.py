@@ -48,7 +48,7 @@ from masqd.config import (
     unknown_environment,
 )
 from masqd.events import EventWatcher
-from masqd.journal import Entry, Journal
+from masqd.journal import Entry, Journal, Loaded
 from masqd.memory import release_heap
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
@@ -114,11 +114,15 @@ class Daemon:
     # ---- start-up ----------------------------------------------------------------------
 
     def load_journal(self) -> None:
-        loaded = self.journal.load()
+        loaded = Loaded()
+        problems = self.state.replay(
+            self.journal.stream(loaded), at_last_marker=self._seed_from_marker
+        )
         self.journal_found = loaded.found
-        # A journal with unreadable lines does not say what the kernel held: list it.
-        seed = None if loaded.problems else self._seed_from_marker
-        loaded.problems += self.state.replay(loaded.entries, at_last_marker=seed)
+        if loaded.problems:
+            # A journal with unreadable lines does not say what the kernel held: list it.
+            self.reconciler.forget_mirror()
+        loaded.problems += problems
         for problem in loaded.problems:
             log.error("journal: %s", problem)
         self.journal_problems = loaded.problems
@@ -162,8 +166,10 @@ class Daemon:
         for item in unreadable[:20]:
             log.warning("not adopted: %s", item)
 
-    async def watch_events(self) -> None:
-        """Follow nftables events (see `events`); without them, the generation poll remains."""
+    async def subscribe_events(self) -> None:
+        """Subscribe to nftables events (see `events`) before the first sync, so that its
+        whole-table transaction is made with them paused, not read back message by message.
+        Without them, the generation poll remains."""
         if not isinstance(self.backend, KernelBackend):
             return
         try:
@@ -172,11 +178,15 @@ class Daemon:
             log.warning("cannot subscribe to nftables events (%s): polling only", exc)
             return
         self.events = EventWatcher(sock, table=self.config.table, sink=self.reconciler)
-        self.reconciler.drain_events = self.events.pump
+        self.reconciler.events = self.events
+
+    async def watch_events(self) -> None:
+        if self.events is None:
+            return
         try:
             await self.events.run()
         finally:
-            self.reconciler.drain_events = None
+            self.reconciler.events = None
 
     def _seed_from_marker(self, marker: Entry) -> None:
         """Everything replayed so far was in the kernel at the marker's generation: hand that
@@ -293,6 +303,7 @@ class Daemon:
             await LimitedSockSite(
                 api_runner, self.open_api_socket(), max_connections=self.config.max_connections
             ).start()
+            await self.subscribe_events()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.reconciler.run(), name="reconciler")
                 tasks.create_task(self.reconciler.watch_generation(), name="generation-watch")

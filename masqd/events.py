@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 NFPROTO_INET = 1
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
 SO_RCVBUFFORCE = 33  # like SO_RCVBUF, but root may exceed net.core.rmem_max
 # Room for the echo of a large batch before the kernel drops events (and we list instead).
 RECEIVE_BUFFER = 16 * 1024 * 1024
@@ -83,6 +84,7 @@ class BatchParser:
         self._table = table.encode()
         self._touched = False
         self._complete = True
+        self.in_batch = False  # messages seen since the last NEWGEN
 
     def lost(self) -> None:
         """Some messages of the batch in progress were dropped: it may have touched us."""
@@ -102,8 +104,10 @@ class BatchParser:
                 kind = msg_type & 0xFF
                 if kind == NFT_MSG_NEWGEN:
                     batches.append(self._finish(body))
-                elif kind != NFT_MSG_TRACE and not self._touched:
-                    self._touched = self._names_our_table(body)
+                elif kind != NFT_MSG_TRACE:
+                    self.in_batch = True
+                    if not self._touched:
+                        self._touched = self._names_our_table(body)
             offset += (length + 3) & ~3
         return batches
 
@@ -111,7 +115,7 @@ class BatchParser:
         raw = _first_attr(body, _ATTR_GEN_ID)
         generation = _BE32.unpack(raw)[0] if raw is not None and len(raw) == 4 else None
         batch = Batch(generation, self._touched or generation is None, self._complete)
-        self._touched, self._complete = False, True
+        self._touched, self._complete, self.in_batch = False, True, False
         return batch
 
     def _names_our_table(self, body: bytes) -> bool:
@@ -196,6 +200,29 @@ class EventWatcher:
         except OSError as exc:
             if self._broken is not None and not self._broken.done():
                 self._broken.set_exception(exc)
+
+    def pause(self) -> None:
+        """Leave the event group, for the reconciler's own whole-table transactions: their
+        echo is one message per element (400,000 at 100,000 attachments), which took the
+        event loop seconds to read and the kernel a second to send. The reconciler checks
+        the generation after `resume` instead."""
+        try:
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError as exc:
+            log.debug("cannot leave the nftables event group: %s", exc)
+
+    def resume(self) -> None:
+        """Join the event group again. What was queued before `pause` is read first; a batch
+        cut by leaving or joining counts as lost (it may have touched our table)."""
+        try:
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError as exc:
+            if self._broken is not None and not self._broken.done():
+                self._broken.set_exception(exc)
+            return
+        self.pump()
+        if self._parser.in_batch:
+            self._overflowed()
 
     def _read(self) -> None:
         while True:

@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import ctypes
 import ctypes.util
-import gc
 import json
 import logging
 import os
@@ -85,8 +84,9 @@ class Backend(Protocol):
 
 
 class Runner(Protocol):
-    def run(self, payload: dict[str, Any]) -> str:
-        """Run a JSON batch; the JSON output (may be empty). Raises NftError."""
+    def run(self, payload: dict[str, Any] | bytes) -> str:
+        """Run a JSON batch (a value, or already encoded); the JSON output (may be empty).
+        Raises NftError."""
         ...
 
     def close(self) -> None: ...
@@ -120,8 +120,9 @@ class LibNftables:
         lib.nft_ctx_buffer_output(self._ctx)
         lib.nft_ctx_buffer_error(self._ctx)
 
-    def run(self, payload: dict[str, Any]) -> str:
-        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, json.dumps(payload).encode())
+    def run(self, payload: dict[str, Any] | bytes) -> str:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, data)
         out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
         err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
         if rc != 0:
@@ -141,17 +142,15 @@ class NftCli:
         found = binary or shutil.which("nft") or "/usr/sbin/nft"
         self.binary = found
 
-    def run(self, payload: dict[str, Any]) -> str:
+    def run(self, payload: dict[str, Any] | bytes) -> str:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         proc = subprocess.run(
-            [self.binary, "-j", "-f", "-"],
-            input=json.dumps(payload),
-            capture_output=True,
-            text=True,
-            check=False,
+            [self.binary, "-j", "-f", "-"], input=data, capture_output=True, check=False
         )
         if proc.returncode != 0:
-            raise NftError(proc.stderr.strip() or f"nft exited {proc.returncode}")
-        return proc.stdout
+            stderr = proc.stderr.decode(errors="replace").strip()
+            raise NftError(stderr or f"nft exited {proc.returncode}")
+        return proc.stdout.decode()
 
     def close(self) -> None:
         pass
@@ -258,20 +257,15 @@ class KernelBackend:
     def _apply(self, tx: Transaction) -> Applied:
         runner, gen = self._ensure()
         before = gen.read()
-        # Encoding a whole table (a repair at 100,000 attachments) allocates millions of
-        # short-lived containers: the cyclic GC would walk them repeatedly for nothing.
         big = tx.recreate or tx.element_changes > BIG_TRANSACTION
-        if big:
-            gc.disable()
         try:
-            payload = tx.to_json()
+            payload = tx.encode()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("nft transaction:\n%s", tx.to_script())
             runner.run(payload)
             del payload  # before trimming the heap
         finally:
             if big:
-                gc.enable()
                 self._drop_context()
         after = gen.read()
         return Applied(after, exclusive=after == before + 1)

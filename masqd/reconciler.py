@@ -16,7 +16,9 @@ sync, unless it is a generation we already know, such as our own transaction's e
 `other_tables_changed` (a batch elsewhere: the known generation moves on without a listing,
 when it is exactly the next one) and `events_lost`. The generation poll stays as the safety
 net; before it concludes that the generation moved under us it reads the events waiting
-(`drain_events`), which may show that the move was elsewhere.
+(`events.pump`), which may show that the move was elsewhere. A whole-table transaction of our
+own is made with the event group left (`events.pause`): its echo would be one message per
+element, and the generation read afterwards tells whether anyone else committed meanwhile.
 
 A kernel error never escapes: it is logged and counted, waiters keep waiting (bounded by
 their own timeout), readiness goes false, and the next attempt is a full sync after a
@@ -31,12 +33,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from masqd import plan, ruleset
 from masqd.journal import Journal
 from masqd.metrics import Metrics
-from masqd.nft import Backend, NftError
+from masqd.nft import Applied, Backend, NftError
 from masqd.ruleset import Policy, TableState
 from masqd.state import DesiredState
 
@@ -44,6 +46,16 @@ log = logging.getLogger(__name__)
 
 RETRY_MIN = 0.1
 RETRY_MAX = 5.0
+
+
+class EventControl(Protocol):
+    """What the reconciler asks of the nftables event watcher (`events.EventWatcher`)."""
+
+    def pump(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 class SyncUnavailable(Exception):
@@ -114,8 +126,8 @@ class Reconciler:
         self.first_sync_done = asyncio.Event()
         # Events that touched our table while a sync ran: judged once it has written.
         self._events_during_sync: list[int | None] = []
-        # Reads the nftables events waiting, if something watches them (the daemon sets it).
-        self.drain_events: Callable[[], None] | None = None
+        # The nftables event watcher, if there is one (the daemon sets it).
+        self.events: EventControl | None = None
 
     # ---- what the API and daemon use -----------------------------------------------------
 
@@ -138,6 +150,11 @@ class Reconciler:
         """
         self._mirror = mirror
         self._known_generation = generation
+
+    def forget_mirror(self) -> None:
+        """Undo `seed`: the next sync lists the table."""
+        self._mirror = None
+        self._known_generation = None
 
     def baseline(self, elements: dict[str, dict[str, ruleset.Element]]) -> TableState:
         """The table the current policy gives with these attachment elements."""
@@ -372,7 +389,7 @@ class Reconciler:
             # Durable before the kernel has it: an acknowledged change survives a crash.
             await asyncio.to_thread(self.journal.write_pending, pending)
         if not tx.empty:
-            applied = await self.backend.apply(tx)
+            applied = await self._apply(tx)
             assert desired.structure is not None
             plan.apply_in_place(tx, mirror, desired_structure=desired.structure)
             self._known_generation = applied.generation
@@ -387,6 +404,19 @@ class Reconciler:
         if self.journal is not None:
             await self._journal_housekeeping(self.journal, taken)
         return drifted
+
+    async def _apply(self, tx: plan.Transaction) -> Applied:
+        events = self.events if tx.recreate else None
+        if events is None:
+            return await self.backend.apply(tx)
+        events.pause()
+        try:
+            applied = await self.backend.apply(tx)
+        finally:
+            events.resume()
+        if await self.backend.generation() != applied.generation:
+            self.request_full("a change while nftables events were paused")
+        return applied
 
     async def _journal_housekeeping(self, journal: Journal, taken: _Taken) -> None:
         """Compact the journal when it has grown, and mark what the kernel now holds.
@@ -485,10 +515,10 @@ class Reconciler:
             except Exception as exc:
                 log.debug("reading the ruleset generation failed: %s", exc)
                 continue
-            if generation != self._known_generation and self.drain_events is not None:
+            if generation != self._known_generation and self.events is not None:
                 # The events of the batches behind this generation are already queued (the
                 # kernel sends them before the commit returns): they may show it was elsewhere.
-                self.drain_events()
+                self.events.pump()
             if not self._syncing and generation != self._known_generation:
                 log.info(
                     "ruleset generation moved (%s -> %s): checking table inet %s",

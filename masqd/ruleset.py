@@ -38,6 +38,7 @@ import ipaddress
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 # Sets, by family (the local sets are named by `local_set`: local4_<plen>, local6_<plen>).
@@ -67,8 +68,11 @@ _LOCAL_TYPES: dict[int, Any] = {4: ["ipv4_addr", "ipv4_addr"], 6: ["ipv6_addr", 
 _WIDTH = {4: 32, 6: 128}
 
 
+@functools.cache
 def local_set(family: int, plen: int) -> str:
-    """The local set of a family (4 or 6) and prefix length: 'local4_16', 'local6_64'."""
+    """The local set of a family (4 or 6) and prefix length: 'local4_16', 'local6_64'.
+
+    Cached: one string per name, however many elements' bookkeeping refers to it."""
     return f"{LOCAL_PREFIXES[family]}{plen}"
 
 
@@ -82,6 +86,12 @@ def parse_local_set(name: str) -> tuple[int, int] | None:
             if digits.isdigit() and str(int(digits)) == digits and int(digits) <= _WIDTH[family]:
                 return family, int(digits)
     return None
+
+
+def local_family(name: str) -> int | None:
+    """4 or 6 for a local set's name; None for any other name."""
+    parsed = parse_local_set(name)
+    return parsed[0] if parsed is not None else None
 
 
 def is_local_set(name: str) -> bool:
@@ -328,6 +338,21 @@ def element_json(set_name: str, elem: Element, *, with_comment: bool = True) -> 
     value = element_value(set_name, elem)
     if with_comment and elem.comment:
         return {"elem": {"val": value, "comment": elem.comment}}
+    return value
+
+
+def element_json_text(set_name: str, elem: Element, *, with_comment: bool = True) -> str:
+    """`element_json` already encoded, for whole-table transactions (see
+    `plan.Transaction.encode`); a test keeps the two equal."""
+    if set_name not in _SET_TYPES:
+        assert elem.subnet is not None
+        value = f'{{"concat":[{_quote(elem.key)},{_quote(elem.subnet.partition("/")[0])}]}}'
+    elif set_name in EXEMPT_SETS:
+        value = json.dumps(_prefix(elem.key), separators=(",", ":"))
+    else:
+        value = _quote(elem.key)
+    if with_comment and elem.comment:
+        return f'{{"elem":{{"val":{value},"comment":{_quote(elem.comment)}}}}}'
     return value
 
 

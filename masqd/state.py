@@ -20,13 +20,14 @@ All methods run on the event loop thread; nothing here awaits, so changes are se
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator
 
 from masqd import plan
 from masqd.journal import Entry, Journal
 from masqd.models import key_problem
 from masqd.plan import AttachmentKeyT, AttachmentRecord
-from masqd.ruleset import SOURCE_SETS, Element, Policy, sources_set
+from masqd.ruleset import SOURCE_SETS, Element, Policy, local_family, sources_set
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,13 @@ class CapacityExceeded(Exception):
 class DesiredState:
     def __init__(self, *, journal: Journal | None = None, max_attachments: int = 100_000) -> None:
         self.attachments: dict[AttachmentKeyT, AttachmentRecord] = {}
-        # address -> its holders: (owner key, subnet) when one attachment holds it, the usual
-        # case, which spares a dict per address (about 50 MiB at 100,000 dual-stack
-        # attachments); {owner key: subnet} when several do. Dicts keep insertion order and an
-        # owner is re-inserted on every setup, so the last entry is the most recent holder.
-        self.owners: dict[str, tuple[AttachmentKeyT, str] | dict[AttachmentKeyT, str]] = {}
+        # address -> its holders: the owner's key alone when one attachment holds it, the
+        # usual case (its record has the subnet), which spares a dict per address (about
+        # 50 MiB at 100,000 dual-stack attachments); {owner key: subnet} when several do.
+        # Dicts keep insertion order and an owner is re-inserted on every setup, so the last
+        # entry is the most recent holder.
+        self.owners: dict[str, AttachmentKeyT | dict[AttachmentKeyT, str]] = {}
         self.elements: dict[str, dict[str, Element]] = {name: {} for name in SOURCE_SETS}
-        self._local_of: dict[str, str] = {}  # address -> the local set holding its element
         self.dirty: set[str] = set()
         self.version = 0
         self.max_attachments = max_attachments
@@ -72,7 +73,7 @@ class DesiredState:
         if held is None:
             return {}
         if isinstance(held, tuple):
-            return {held[0]: held[1]}
+            return {held: self._subnet_of(held, address)}
         return dict(held)
 
     def table_sets(self, policy: Policy) -> dict[str, dict[str, Element]]:
@@ -120,20 +121,18 @@ class DesiredState:
         return stale
 
     def replay(
-        self, entries: Sequence[Entry], *, at_last_marker: Callable[[Entry], None] | None = None
+        self, entries: Iterable[Entry], *, at_last_marker: Callable[[Entry], None] | None = None
     ) -> list[str]:
         """Rebuild from journal records, without journalling them again; the problems found.
 
-        `at_last_marker` is called at the last "synced" marker, with the state as the kernel
-        held it then (see `journal.Entry`). A record whose key or IPs are not valid any more
-        is skipped and reported, never raised.
+        `at_last_marker` is called at the marker the loader flagged as the last (see
+        `journal.Entry`), with the state as the kernel held it then. A record whose key or
+        IPs are not valid any more is skipped and reported, never raised.
         """
-        markers = [i for i, e in enumerate(entries) if e.op == "synced"]
-        last_marker = markers[-1] if markers and at_last_marker is not None else None
         problems: list[str] = []
-        for index, entry in enumerate(entries):
+        for entry in entries:
             if entry.op == "synced":
-                if index == last_marker and at_last_marker is not None:
+                if entry.last and at_last_marker is not None:
                     at_last_marker(entry)
                 continue
             problem = key_problem(*entry.key)
@@ -168,6 +167,8 @@ class DesiredState:
     # ---- owner index ---------------------------------------------------------------------
 
     def _set(self, key: AttachmentKeyT, pairs: tuple[tuple[str, str], ...]) -> None:
+        # Network names and interface names repeat across attachments: one string each.
+        key = (sys.intern(key[0]), key[1], sys.intern(key[2]))
         previous = self.attachments.pop(key, None)
         if previous is not None:
             self._release(key, previous, keep={a for a, _ in pairs})
@@ -175,11 +176,11 @@ class DesiredState:
         self.attachments[key] = AttachmentRecord(pairs, self._seq)
         for address, subnet in pairs:
             held = self.owners.get(address)
-            if held is None or (isinstance(held, tuple) and held[0] == key):
-                self.owners[address] = (key, subnet)
+            if held is None or held == key:
+                self.owners[address] = key
             else:
                 if isinstance(held, tuple):
-                    held = self.owners[address] = {held[0]: held[1]}
+                    held = self.owners[address] = {held: self._subnet_of(held, address)}
                 held.pop(key, None)
                 held[key] = subnet  # last = most recent
             self._refresh(address)
@@ -201,12 +202,12 @@ class DesiredState:
             if held is None:
                 continue
             if isinstance(held, tuple):
-                if held[0] == key:
+                if held == key:
                     del self.owners[address]
             else:
                 held.pop(key, None)
                 if len(held) == 1:
-                    self.owners[address] = next(iter(held.items()))
+                    self.owners[address] = next(iter(held))
             self._refresh(address)
 
     def _refresh(self, address: str) -> None:
@@ -215,18 +216,20 @@ class DesiredState:
         holders = self.owners.get(address)
         if holders:
             if isinstance(holders, tuple):
-                owner, subnet = holders
+                owner, subnet = holders, self._subnet_of(holders, address)
             else:
                 owner = next(reversed(holders))
                 subnet = holders[owner]
             (_, src_elem), (local, local_elem) = plan.elements_for_owner(address, owner, subnet)
-            if self.elements[sources].get(address) != src_elem:
+            previous = self.elements[sources].get(address)
+            if previous != src_elem:
                 self.elements[sources][address] = src_elem
                 self.dirty.add(address)
-            if self._local_of.get(address) != local:
-                self._drop_local(address)  # the deciding owner's prefix length changed
-                self._local_of[address] = local
             held = self.elements.setdefault(local, {})
+            if previous is not None and address not in held:
+                # An address has a local element exactly when it has a sources element:
+                # the deciding owner's prefix length changed, so it is in another local set.
+                self._drop_local(address)
             if held.get(address) != local_elem:
                 held[address] = local_elem
                 self.dirty.add(address)
@@ -236,12 +239,21 @@ class DesiredState:
             self._drop_local(address)
 
     def _drop_local(self, address: str) -> None:
-        """Remove an address's local element; a local set left empty goes too."""
-        local = self._local_of.pop(address, None)
-        if local is None:
-            return
-        held = self.elements[local]
-        del held[address]
-        if not held:
-            del self.elements[local]
-        self.dirty.add(address)
+        """Remove an address's local element, wherever it is; a local set left empty goes too.
+
+        Looked for in the family's local sets (one per prefix length in use, a handful) rather
+        than kept in an index: that index cost 20 MiB at 100,000 dual-stack attachments.
+        """
+        family = 6 if ":" in address else 4
+        for name in [n for n in self.elements if local_family(n) == family]:
+            held = self.elements[name]
+            if held.pop(address, None) is not None:
+                if not held:
+                    del self.elements[name]
+                self.dirty.add(address)
+                return
+
+    def _subnet_of(self, key: AttachmentKeyT, address: str) -> str:
+        subnet = self.attachments[key].subnet_of(address)
+        assert subnet is not None, (key, address)
+        return subnet

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from masqd import journal as journal_module
 from masqd.journal import FORMAT_VERSION, Entry, Journal, _line
 from masqd.state import DesiredState
 
@@ -214,3 +215,40 @@ def test_replay_rebuilds_the_state_and_is_idempotent(
     # Replaying the same records again on top changes nothing.
     replayed.replay(Journal(directory).load().entries)
     assert attachments(replayed) == attachments(state)
+
+
+def test_streaming_in_chunks_flags_the_last_readable_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records are decoded a few lines at a time; the marker that describes the kernel is the
+    last one that can be read, wherever the chunks fall, and replay seeds from it alone."""
+    monkeypatch.setattr(journal_module, "CHUNK_LINES", 2)
+    journal = Journal(tmp_path)
+    journal.compact([(A, ("198.18.1.2/24",))])  # a snapshot, then the journal
+    journal.record_put(B, ["198.18.1.3/24"])
+    write(journal)
+    journal.write_marker(7, "fp")
+    journal.record_put(C, ["198.18.2.3/24"])
+    write(journal)
+    journal.write_marker(8, "fp")
+    journal.record_delete(B)
+    write(journal)
+    journal.close()
+    with (tmp_path / "attachments.journal").open("ab") as out:
+        out.write(_line({"op": "synced", "gen": 9, "fp": "fp"})[:-3] + b"xx\n")  # corrupt
+
+    loaded = Journal(tmp_path).load()
+    assert [(e.op, e.generation) for e in loaded.entries if e.last] == [("synced", 8)]
+    assert len(loaded.problems) == 1 and "checksum" in loaded.problems[0]
+    seen: list[tuple[int | None, set[tuple[str, str, str]]]] = []
+    state = DesiredState()
+
+    def at_marker(entry: Entry) -> None:
+        seen.append((entry.generation, set(state.attachments)))
+
+    assert (
+        state.replay(Journal(tmp_path).stream(journal_module.Loaded()), at_last_marker=at_marker)
+        == []
+    )
+    assert seen == [(8, {A, B, C})]
+    assert set(state.attachments) == {A, C}

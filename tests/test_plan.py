@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 from collections.abc import Mapping
 
 from hypothesis import assume, given, settings
@@ -287,6 +288,26 @@ def test_plan_of_a_table_against_itself_is_empty(
     assert tx.empty
     assert tx.to_json() == {"nftables": []}
     assert plan.plan(desired, desired, table=TABLE, policy=policy, touched=set()).empty
+
+
+@settings(max_examples=120, deadline=None)
+@given(attachment_maps(), policies, observed_tables())
+def test_the_encoded_batch_is_the_json_batch(
+    attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy, observed: TableState
+) -> None:
+    tx = plan.plan(plan.desired_table(attachments, policy), observed, table=TABLE, policy=policy)
+    assert json.loads(tx.encode()) == tx.to_json()
+
+
+def test_encoded_comments_are_escaped() -> None:
+    comment = 'n/c/\u00e9t"h\\0' + ruleset.TRUNCATED_MARK
+    tx = plan.Transaction(
+        table=TABLE,
+        policy=Policy(),
+        add={"local4_24": (Element("198.18.1.2", "198.18.1.0/24", comment),)},
+    )
+    assert json.loads(tx.encode()) == tx.to_json()
+    assert tx.to_json()["nftables"][0]["add"]["element"]["elem"][0]["elem"]["comment"] == comment
 
 
 @settings(max_examples=120, deadline=None)
