@@ -49,7 +49,7 @@ from masqd.config import (
 )
 from masqd.events import EventWatcher
 from masqd.journal import Entry, Journal, Loaded
-from masqd.memory import release_heap
+from masqd.memory import release_heap, tune_allocator
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentKey
@@ -266,6 +266,7 @@ class Daemon:
 
     async def run(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
+        tune_allocator()
         # Replaying 100,000 attachments allocates a million long-lived objects: collecting
         # while they are made cost half the load time, and freezing them afterwards keeps
         # every later full collection from walking them again.
