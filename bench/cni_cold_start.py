@@ -109,7 +109,7 @@ def run(attachments: int = 1000, samples: int = 50) -> dict[str, Any]:
     progress = Progress("cni-cold-start")
     venv_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     node_env = {"PATH": "/usr/bin:/bin"}  # a node's python3, not a development shim
-    workdir = Path(tempfile.mkdtemp(prefix="masqd-cni-bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix="masqd-cni-bench-", dir=daemon.state_parent()))
     try:
         variants: dict[str, tuple[list[str], dict[str, str]]] = {
             "console_script": ([str(PLUGIN)], venv_env)

@@ -2,8 +2,11 @@
 
 The daemon runs as `ip netns exec NS .venv/bin/masqd ...` (ip execs in place, so the pid we
 hold is the daemon's own, which /proc readings need). Its socket and state directory live
-in a temporary directory that goes away with the namespace. Fills go through the API, as
-a runtime would make them, from asyncio clients on keep-alive connections.
+in a temporary directory that goes away with the namespace. That directory is on tmpfs
+(/dev/shm) when the machine has one, because that is where the journal lives in production:
+/run/masqd, a tmpfs on every systemd host, where an fsync costs microseconds rather than a
+disk's milliseconds. Fills go through the API, as a runtime would make them, from asyncio
+clients on keep-alive connections.
 """
 
 from __future__ import annotations
@@ -256,12 +259,18 @@ def burst(d: Daemon, items: list[Attachment], concurrency: int) -> tuple[float, 
     return time.perf_counter() - t0, latencies
 
 
+def state_parent() -> str | None:
+    """Where the daemon's socket and state directory go: tmpfs, as /run/masqd is on a node
+    (None: the default temporary directory, when /dev/shm is missing)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
 @contextlib.contextmanager
 def running(extra_args: tuple[str, ...] = ()) -> Iterator[Daemon]:
     """A started daemon in a fresh namespace; stopped and cleaned up afterwards."""
     if not available():
         raise DaemonError("masqd is not installed in .venv yet (masqd/daemon.py missing)")
-    workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-", dir=state_parent()))
     try:
         with netns("bench") as ns:
             d = Daemon(ns, workdir, extra_args)

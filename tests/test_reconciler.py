@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -318,3 +320,37 @@ async def test_nft_errors_are_classified() -> None:
     assert NftError("Error: Could not process rule: No such file or directory").kind == "enoent"
     assert NftError("Error: Could not process rule: File exists").kind == "eexist"
     assert NftError("Error: syntax error").kind == "other"
+
+
+class _TimedJournal(Journal):
+    """Records which thread each append ran on; appends take `delay` seconds."""
+
+    def __init__(self, directory: Path, delay: float) -> None:
+        super().__init__(directory)
+        self.delay = delay
+        self.threads: list[str] = []
+
+    def write_pending(self, lines: list[bytes], *, sync: bool = True) -> None:
+        if lines and sync:
+            self.threads.append(threading.current_thread().name)
+            time.sleep(self.delay)
+        super().write_pending(lines, sync=sync)
+
+
+async def test_small_fast_journal_appends_run_on_the_loop_and_slow_ones_move_off_it(
+    tmp_path: Path,
+) -> None:
+    journal = _TimedJournal(tmp_path, delay=0.0)
+    rig = Rig(FakeBackend(table=TABLE), journal=journal)
+    main = threading.current_thread().name
+    async with running(rig):
+        await rig.put(A, ["198.18.1.2/24"])
+        assert journal.threads == [main]  # tmpfs-fast: no hand-off
+        journal.delay = 0.005  # a slow disk
+        await rig.put(B, ["198.18.1.3/24"])  # on the loop: it was not known to be slow
+        await rig.put(A, ["198.18.1.4/24"])
+        journal.delay = 0.0
+        await rig.put(B, ["198.18.1.5/24"])  # fast again: back on the loop
+        await rig.put(A, ["198.18.1.6/24"])
+    assert journal.threads[1] == main and journal.threads[2] != main
+    assert journal.threads[3] != main and journal.threads[4] == main
