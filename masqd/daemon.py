@@ -491,6 +491,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(Daemon(config, loader=loader).run())
+    # Everything is closed and on disk. Skip the interpreter's teardown: freeing a few million
+    # objects one by one (and a last collection over those made since start-up) took 1.4 s
+    # at 100,000 attachments, during which a restart's requests wait on the socket.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
