@@ -12,6 +12,7 @@ from __future__ import annotations
 BENCHMARKS: dict[str, str] = {
     "setup-latency": "bench.setup_latency",
     "burst": "bench.burst",
+    "core-target": "bench.core_target",
     "startup": "bench.startup",
     "idle-cpu": "bench.idle_cpu",
     "conn-rate": "bench.conn_rate",

@@ -32,7 +32,7 @@ TIMED_BASE = MAX_ATTACHMENTS - 1000
 DAEMON_ARGS = ("--max-attachments", "200000")
 
 
-def _time_size(d: daemon.Daemon, samples: int, pause: float) -> dict[str, Any]:
+def time_size(d: daemon.Daemon, samples: int, pause: float) -> dict[str, Any]:
     puts: list[float] = []
     dels: list[float] = []
     errors = 0
@@ -78,7 +78,7 @@ def run(*, quick: bool, progress: Progress) -> Result:
             filled = n
             time.sleep(settle)
             row: dict[str, Any] = {"attachments": n}
-            row.update(_time_size(d, samples, pause))
+            row.update(time_size(d, samples, pause))
             row["fill_per_s"] = round(len(items) / fill_s, 1)
             rows.append(row)
             progress(

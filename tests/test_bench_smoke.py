@@ -40,6 +40,7 @@ COMMON_KEYS = {
 ROW_KEYS: dict[str, set[str]] = {
     "setup-latency": {"attachments", "put_p50_ms", "put_p99_ms", "del_p50_ms"},
     "burst": {"setups", "wall_s", "setups_per_s", "transactions"},
+    "core-target": {"attachments", "put_p50_ms", "put_p99_ms"},
     "startup": {"attachments", "start_to_ready_s", "repair_s", "rss_restarted_mib"},
     "idle-cpu": {"attachments", "window_s", "cpu_percent", "syncs"},
     "conn-rate": {"table", "attachments", "conn_per_s", "vs_0"},
