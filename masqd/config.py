@@ -447,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-timeout",
         type=float,
         metavar="SECONDS",
-        help="time a client has to send its request, and idle time before a kept-alive "
-        "connection is closed (default 10)",
+        help="time a client has to send its request, and to read the response; idle time "
+        "before a kept-alive connection is closed (default 10)",
     )
     p.add_argument(
         "--nft-runner",

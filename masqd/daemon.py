@@ -302,7 +302,10 @@ class Daemon:
         metrics_runner = await self._start_metrics()
         try:
             await LimitedSockSite(
-                api_runner, self.open_api_socket(), max_connections=self.config.max_connections
+                api_runner,
+                self.open_api_socket(),
+                max_connections=self.config.max_connections,
+                send_timeout=self.config.client_timeout,
             ).start()
             await self.subscribe_events()
             async with asyncio.TaskGroup() as tasks:

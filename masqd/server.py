@@ -3,7 +3,9 @@
 aiohttp refuses some requests before any middleware sees them (a malformed request line, an
 oversized header, a bad Content-Length); here they get the API's JSON error shape, logged at
 debug only, since a client's malformed request must not be a way to flood the daemon's log.
-And a connection beyond `max_connections` gets one 503 and is closed unread.
+A connection beyond `max_connections` gets one 503 and is closed unread, and a client that
+does not read its response within `send_timeout` is cut off (without that, every connection
+could hold a 20 MiB listing in the daemon's memory for as long as it liked).
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ class LimitedSockSite(web.SockSite):
     """
 
     def __init__(
-        self, runner: web.BaseRunner, sock: socket.socket, *, max_connections: int
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        max_connections: int,
+        send_timeout: float,
     ) -> None:
         # asyncio listens on the socket again with this backlog (a passed one too). aiohttp's
         # default of 128 is too short: a runtime starting hundreds of containers at once
@@ -40,6 +47,7 @@ class LimitedSockSite(web.SockSite):
         # also what systemd's `Backlog=` defaults to.
         super().__init__(runner, sock, backlog=socket.SOMAXCONN)
         self.max_connections = max_connections
+        self.send_timeout = send_timeout
         self.refused = 0
 
     async def start(self) -> None:
@@ -55,7 +63,9 @@ class LimitedSockSite(web.SockSite):
             if len(server.connections) >= self.max_connections:
                 self.refused += 1
                 return _Refused(self.max_connections)
-            return _JsonErrorHandler(server, loop=loop, **handler_args)
+            handler = _JsonErrorHandler(server, loop=loop, **handler_args)
+            handler.send_timeout = self.send_timeout
+            return handler
 
         self._server = await loop.create_server(protocol, sock=self._sock, backlog=self._backlog)
 
@@ -65,7 +75,10 @@ class _JsonErrorHandler(RequestHandler):
     sees the request (a malformed request line, an oversized header, a bad Content-Length, an
     unknown `Expect` ...) in the API's JSON error shape. Logged at debug: a client's malformed
     request is not the daemon's fault, and must not be a way to flood its log. A 500 (a bug
-    of ours) keeps aiohttp's error log."""
+    of ours) keeps aiohttp's error log. A response not taken by the client within
+    `send_timeout` seconds aborts the connection."""
+
+    send_timeout = 10.0
 
     def handle_error(
         self,
@@ -100,7 +113,14 @@ class _JsonErrorHandler(RequestHandler):
             if resp.keep_alive is False:
                 replacement.force_close()
             resp = replacement
-        return await super().finish_response(request, resp, start_time)
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                return await super().finish_response(request, resp, start_time)
+        except TimeoutError:
+            log.debug("a client did not read its response in %gs: cut off", self.send_timeout)
+            if self.transport is not None:
+                self.transport.abort()  # drops what is still buffered for it
+            return resp, True
 
 
 class _Refused(asyncio.Protocol):

@@ -9,7 +9,10 @@ the connection cap, and slow or idle clients.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -330,6 +333,43 @@ def test_a_body_that_stalls_gets_408(limited: MasqdProcess) -> None:
     assert status_of(answer) == 408
     assert CLIENT_TIMEOUT * 0.9 < waited < CLIENT_TIMEOUT + 1
     assert limited.client.attachments() == []
+
+
+def test_a_client_that_does_not_read_its_answer_is_cut_off(daemon_factory: DaemonFactory) -> None:
+    """A listing far larger than the socket buffers (about 2 MB), asked for and never read:
+    the daemon drops it and the connection after the client timeout, instead of holding it
+    for as long as the client likes."""
+    limited = daemon_factory(extra_args=["--client-timeout", str(CLIENT_TIMEOUT)])
+    network = "n" * 64
+
+    async def fill() -> None:
+        async with limited.async_client() as c:
+            for start in range(0, 6000, 500):
+                puts = (
+                    c.put_attachment(
+                        network,
+                        f"c{i:0127d}",  # the longest container ID
+                        "eth0",
+                        [f"198.18.{i // 250}.{i % 250 + 1}/16", f"2001:db8::{i + 1:x}/64"],
+                    )
+                    for i in range(start, start + 500)
+                )
+                assert {status for status, _ in await asyncio.gather(*puts)} == {200}
+
+    asyncio.run(fill())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(limited.socket)
+        sock.sendall(http("GET", "/v1/attachments"))
+        time.sleep(CLIENT_TIMEOUT + 1.5)  # reading nothing
+        assert limited.client.get("/healthz").status == 200  # others were served meanwhile
+        sock.settimeout(5)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    assert length > 1_500_000 and len(body) < length, (length, len(body))
 
 
 def test_idle_connections_are_closed(limited: MasqdProcess) -> None:
