@@ -164,10 +164,18 @@ class Daemon:
         return elapsed
 
     def rss_mib(self) -> float:
+        """Resident memory now (VmRSS)."""
+        return self._status_mib("VmRSS")
+
+    def peak_rss_mib(self) -> float:
+        """The most resident memory this process has had (VmHWM)."""
+        return self._status_mib("VmHWM")
+
+    def _status_mib(self, field: str) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
-        raise DaemonError("no VmRSS in /proc status")
+        raise DaemonError(f"no {field} in /proc status")
 
     def cpu_seconds(self) -> float:
         """utime + stime of the daemon process (all its threads)."""

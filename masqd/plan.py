@@ -11,6 +11,10 @@ cheapest that reaches the desired table:
   changes: also the repair when someone flushed the chain or inserted a rule;
 - the whole table replaced atomically (`add table; delete table; add table; ...` in one batch)
   when a fixed set or the chain is missing, foreign or of the wrong type (or a local set is).
+
+A transaction is one atomic batch unless it is too big for libnftables to take in one piece
+(tens of thousands of element changes): then `Transaction.batches` splits it, the structure
+and the first elements first, and every batch leaves a working table.
 """
 
 from __future__ import annotations
@@ -187,7 +191,8 @@ def policy_fingerprint(policy: Policy) -> str:
 
 @dataclass(frozen=True)
 class Transaction:
-    """One atomic nftables batch, as a value.
+    """One nftables transaction, as a value: one atomic batch (`encode`), or consecutive
+    batches when it is big (`batches`).
 
     `local_sets`: the local sets of the desired table, in chain order (they shape the rules).
     `recreate`: replace the table whole (structure first, then `add` holds every element).
@@ -236,8 +241,40 @@ class Transaction:
         """`to_json()` as the bytes libnftables reads, with the elements written as text
         directly: building 400,000 elements as dicts and dumping them took 2 s, and their
         hundreds of MiB of short-lived objects left the heap fragmented."""
-        commands = [_dumps(c) for c in self._head_commands()]
-        for verb, set_name, elems, with_comment in self._element_groups():
+        return self._encode(self._head_commands(), self._element_groups(), self._tail_commands())
+
+    def batches(self, max_elements: int) -> Iterator[bytes]:
+        """The transaction as consecutive batches of at most `max_elements` element changes:
+        the first also holds everything else (table, sets, rules, set deletions), the others
+        the remaining element changes in order. Applied one after the other they make the same
+        table as `encode()`, and each leaves a working table holding a subset of the elements.
+        A whole table of 400,000 elements in one batch made libnftables peak at 700 MiB.
+        """
+        groups = list(self._element_groups())
+        cuts: list[list[tuple[str, str, tuple[Element, ...], bool]]] = [[]]
+        room = max_elements
+        for verb, set_name, elems, with_comment in groups:
+            start = 0
+            while start < len(elems):
+                if room == 0:
+                    cuts.append([])
+                    room = max_elements
+                part = elems[start : start + room]
+                cuts[-1].append((verb, set_name, part, with_comment))
+                start += len(part)
+                room -= len(part)
+        yield self._encode(self._head_commands(), cuts[0], self._tail_commands())
+        for cut in cuts[1:]:
+            yield self._encode([], cut, [])
+
+    def _encode(
+        self,
+        head: list[dict[str, Any]],
+        groups: Iterable[tuple[str, str, tuple[Element, ...], bool]],
+        tail: list[dict[str, Any]],
+    ) -> bytes:
+        commands = [_dumps(c) for c in head]
+        for verb, set_name, elems, with_comment in groups:
             # '{"family":...,"name":...,"elem":' then the elements, written chunk by chunk.
             ref = _dumps(self._set_ref(set_name) | {"elem": None})[: -len("null}")]
             chunks = [
@@ -248,7 +285,7 @@ class Transaction:
                 for start in range(0, len(elems), _ENCODE_CHUNK)
             ]
             commands.append(f'{{"{verb}":{{"element":{ref}[{",".join(chunks)}]}}}}}}')
-        commands.extend(_dumps(c) for c in self._tail_commands())
+        commands.extend(_dumps(c) for c in tail)
         return f'{{"nftables":[{",".join(commands)}]}}'.encode()
 
     def _set_ref(self, set_name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from masqd import nft as nft_module
 from masqd import plan, ruleset
 from masqd.nft import Backend, KernelBackend, NftError
 from masqd.nft_fake import FakeBackend, dump_table
@@ -564,3 +565,20 @@ async def test_a_second_prefix_length_adds_a_set_and_rule_and_its_last_holder_re
     assert tx.delete_sets == (L4_16,) and tx.rewrite_rules
     assert layout() == (sets_before, rules_before)
     assert dump_table(mirror) == kernel.dump() == dump_table(desired(state))
+
+
+async def test_a_big_transaction_goes_in_batches_that_make_the_whole_table(
+    kernel: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 7 element changes here (20,000 in the daemon): the table is complete, the
+    generation moved once per batch, and the transaction still counts as exclusive."""
+    monkeypatch.setattr(nft_module, "BATCH_ELEMENTS", 7)
+    state = DesiredState()
+    for n in range(2, 12):
+        state.put(("net", f"c{n}", "eth0"), [f"198.18.7.{n}/24", f"2001:db8:7::{n}/64"])
+    before = await kernel.backend.generation()
+    tx = plan.plan(desired(state), TableState(None), table=TABLE, policy=POLICY)
+    assert tx.recreate and tx.element_changes == 40
+    applied = await kernel.backend.apply(tx)
+    assert applied.generation == before + 6 and applied.exclusive  # ceil(40 / 7) batches
+    assert kernel.dump() == dump_table(desired(state))

@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from masqd import plan, ruleset
+from masqd.nft_fake import FakeBackend
 from masqd.plan import AttachmentKeyT, AttachmentRecord, Transaction
 from masqd.ruleset import (
     EXEMPT4,
@@ -297,6 +298,33 @@ def test_the_encoded_batch_is_the_json_batch(
 ) -> None:
     tx = plan.plan(plan.desired_table(attachments, policy), observed, table=TABLE, policy=policy)
     assert json.loads(tx.encode()) == tx.to_json()
+
+
+@settings(max_examples=100, deadline=None)
+@given(attachment_maps(), attachment_maps(), policies, st.integers(1, 6))
+def test_batches_applied_in_order_make_the_same_table_as_one_transaction(
+    first: dict[AttachmentKeyT, AttachmentRecord],
+    second: dict[AttachmentKeyT, AttachmentRecord],
+    policy: Policy,
+    size: int,
+) -> None:
+    whole, batched = FakeBackend(table=TABLE), FakeBackend(table=TABLE)
+    for fake in (whole, batched):  # the same starting table: none, then `first`'s
+        start = plan.plan(
+            plan.desired_table(first, policy), fake.state(), table=TABLE, policy=policy
+        )
+        fake.run_json(start.to_json())
+    tx = plan.plan(plan.desired_table(second, policy), whole.state(), table=TABLE, policy=policy)
+    whole.run_json(json.loads(tx.encode()))
+    for batch in tx.batches(size):
+        commands = json.loads(batch)["nftables"]
+        elements = [
+            c[verb]["element"]["elem"] for c in commands for verb in c if "element" in c[verb]
+        ]
+        assert sum(map(len, elements)) <= size
+        batched.run_json({"nftables": commands})
+    assert batched.dump() == whole.dump()
+    assert same(whole.state(), plan.desired_table(second, policy))
 
 
 def test_encoded_comments_are_escaped() -> None:
