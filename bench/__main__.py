@@ -18,7 +18,15 @@ from pathlib import Path
 from types import ModuleType
 
 from bench import BENCHMARKS
-from bench.harness import Goal, Progress, Result, render, stamp, write_json
+from bench.harness import (
+    Goal,
+    Progress,
+    Result,
+    clean_up_on_sigterm,
+    render,
+    stamp,
+    write_json,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -76,4 +84,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    clean_up_on_sigterm()
     sys.exit(main())

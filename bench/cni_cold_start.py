@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import addresses, daemon
-from bench.harness import REPO_ROOT, Progress, percentile
+from bench.harness import REPO_ROOT, Progress, clean_up_on_sigterm, percentile
 
 PLUGIN = REPO_ROOT / ".venv" / "bin" / "masqd-cni"
 PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
@@ -193,4 +193,5 @@ def add_env(a: addresses.Attachment, base: dict[str, str]) -> dict[str, str]:
 
 
 if __name__ == "__main__":
+    clean_up_on_sigterm()
     run(*[int(arg) for arg in sys.argv[1:3]])

@@ -36,6 +36,7 @@ from typing import Any
 from bench import daemon
 from bench.addresses import Attachment
 from bench.conn_rate import interleaved_rounds
+from bench.harness import clean_up_on_sigterm
 from tests.netns import nft, ns_run, topology
 
 NAME = "exempt-rate"
@@ -153,4 +154,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    clean_up_on_sigterm()
     sys.exit(main())

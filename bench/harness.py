@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,16 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def clean_up_on_sigterm() -> None:
+    """Make SIGTERM (`timeout`, a CI runner's cancel) raise SystemExit in the main thread, so
+    that every `finally` runs: daemons are stopped and namespaces deleted, not leaked."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def machine_info() -> dict[str, Any]:

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import plotting
-from bench.harness import Progress, Result, module_command, ms, percentile
+from bench.harness import (
+    Progress,
+    Result,
+    clean_up_on_sigterm,
+    module_command,
+    ms,
+    percentile,
+)
 from tests.netns import netns, nft, ns_run
 
 NAME = "nft-runner"
@@ -106,4 +113,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    clean_up_on_sigterm()
     main()

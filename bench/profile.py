@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench import daemon
 from bench.addresses import MAX_ATTACHMENTS, attachment, attachments
-from bench.harness import REPO_ROOT, Progress
+from bench.harness import REPO_ROOT, Progress, clean_up_on_sigterm
 from bench.startup import wait_repaired
 from tests.netns import nft
 
@@ -167,4 +167,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    clean_up_on_sigterm()
     sys.exit(main())

@@ -12,6 +12,10 @@ import importlib.util
 import ipaddress
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import pytest
 
 from bench import BENCHMARKS
 from bench.__main__ import main, run_one
+from bench.harness import REPO_ROOT
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="benchmarks build network namespaces: root only"
@@ -151,3 +156,29 @@ def test_percentile_interpolates_between_closest_ranks() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0
     assert percentile(list(map(float, range(101))), 99) == 99.0
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+@pytest.mark.kernel
+@needs_root
+def test_a_benchmark_stopped_with_sigterm_leaves_no_namespace_behind(tmp_path: Path) -> None:
+    before = _namespaces()
+    command = [sys.executable, "-m", "bench", "setup-latency", "--quick", "--out", str(tmp_path)]
+    quiet = subprocess.DEVNULL
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=quiet, stderr=quiet) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while not (created := _namespaces() - before):
+                assert proc.poll() is None and time.monotonic() < deadline, "no namespace"
+                time.sleep(0.05)
+            time.sleep(0.5)  # its daemon starting or running
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 128 + signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert not created & _namespaces()
