@@ -411,8 +411,8 @@ class Reconciler:
     async def _write_journal(self, journal: Journal, pending: list[bytes]) -> None:
         """Append and fsync `pending`. A few records on a fast file system (the default state
         directory is tmpfs: microseconds) are written right here, since a hand-off to a
-        thread and back costs a setup about 0.35 ms; anything big or slow goes to a thread,
-        so that a slow disk never stalls the event loop more than once."""
+        thread and back costs a setup about 0.35 ms; anything big goes to a thread, and so
+        does everything after an append that was slow (a disk), until one is fast again."""
         started = time.perf_counter()
         if len(pending) <= INLINE_JOURNAL_LINES and self._last_journal_write < SLOW_JOURNAL_WRITE:
             journal.write_pending(pending)
@@ -421,6 +421,7 @@ class Reconciler:
         self._last_journal_write = time.perf_counter() - started
 
     async def _apply(self, tx: plan.Transaction) -> Applied:
+        """Apply `tx`; a whole-table one with the event group left (see the module's doc)."""
         events = self.events if tx.recreate else None
         if events is None:
             return await self.backend.apply(tx)
