@@ -14,6 +14,11 @@ rare paths that need it.
 
 Output discipline: the result or the CNI error object goes to stdout (libcni reads it);
 diagnostics go to stderr, one line each.
+
+On a node it runs under the node's own python3 (deploy/image), so this module, `spool` and
+`masqd/__init__` keep to Python 3.8: no `X | Y` outside annotations, no dataclass slots, no
+`match`. tests/test_deploy.py runs the CNI tests against the node build under the oldest
+python3 it finds.
 """
 
 from __future__ import annotations
@@ -246,7 +251,7 @@ def read_plugin_keys(inv: Invocation) -> None:
     wait = config.get("daemonWaitSeconds", DEFAULT_DAEMON_WAIT_SECONDS)
     if (
         isinstance(wait, bool)
-        or not isinstance(wait, int | float)
+        or not isinstance(wait, (int, float))
         or not 0 <= wait <= MAX_DAEMON_WAIT_SECONDS
     ):
         raise CniError(

@@ -21,9 +21,10 @@ silently forget a DEL, while refusing makes the plugin fail that DEL with "try a
 which the runtime retries. An entry for an attachment already spooled is always accepted
 (it replaces the old one and does not grow the spool).
 
-Both sides are standard library only and synchronous: the plugin imports this module only on
-the rare path that needs it, and the daemon calls it from a thread or directly (each call is
-a few system calls on a directory that is almost always empty).
+Both sides are standard library only (Python 3.8 for the plugin: see `cni`) and synchronous:
+the plugin imports this module only on the rare path that needs it, and the daemon calls it
+from a thread or directly (each call is a few system calls on a directory that is almost
+always empty).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class SpoolFull(Exception):
     """The spool holds `MAX_ENTRIES` entries already; the DEL was not recorded."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SpooledDelete:
     """One undelivered DEL, as read back from the spool."""
 
@@ -69,7 +70,7 @@ class SpooledDelete:
         return (self.network, self.container_id, self.ifname)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SpoolProblem:
     """A file in the spool that is not a valid entry.
 
@@ -82,7 +83,7 @@ class SpoolProblem:
     removable: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SpoolScan:
     entries: tuple[SpooledDelete, ...]
     problems: tuple[SpoolProblem, ...]
@@ -283,7 +284,7 @@ def _read_entry(path: str) -> SpooledDelete | str | None:
     if not (network and container_id and ifname):
         return "network, container_id and ifname must not be empty"
     spooled_at = record.get("spooled_at")
-    if isinstance(spooled_at, bool) or not isinstance(spooled_at, int | float):
+    if isinstance(spooled_at, bool) or not isinstance(spooled_at, (int, float)):
         return "spooled_at must be a number"
     if os.path.basename(path) != entry_name(network, container_id, ifname):
         return "file name does not match its key"

@@ -46,7 +46,15 @@ from tests.netns import (
 
 REPO = Path(__file__).resolve().parent.parent
 _SCRIPT = REPO / ".venv" / "bin" / "masqd-cni"
-PLUGIN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "masqd.cni"]
+# MASQD_CNI_TEST_PLUGIN (a command line) runs these tests against another build of the plugin,
+# say the node's zip application under an older python3.
+PLUGIN = (
+    os.environ["MASQD_CNI_TEST_PLUGIN"].split()
+    if os.environ.get("MASQD_CNI_TEST_PLUGIN")
+    else [str(_SCRIPT)]
+    if _SCRIPT.exists()
+    else [sys.executable, "-m", "masqd.cni"]
+)
 MASQD = REPO / ".venv" / "bin" / "masqd"
 CNI_BIN = "/usr/lib/cni"
 BRIDGE = f"{CNI_BIN}/bridge"

@@ -301,6 +301,54 @@ def test_cni_launcher_without_python_says_so_in_cni_terms(installed_cni: Path) -
     assert error["code"] >= 100 and "python3" in error["msg"]
 
 
+def _python(version: str) -> str | None:
+    """An interpreter of `version` ('3.8'): one pyenv installed, or one on PATH (not a pyenv
+    shim, which answers only for the versions it is set to)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = sorted(pyenv.glob(f"{version}.*/bin/python{version}"))
+    if candidates:
+        return str(candidates[-1])
+    found = shutil.which(f"python{version}")
+    return found if found and "/shims/" not in found else None
+
+
+OLDEST_NODE_PYTHON = "3.8"
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(_python(OLDEST_NODE_PYTHON) is None, reason="no python3.8 on this machine")
+def test_the_node_plugin_passes_the_cni_tests_under_the_oldest_python_it_supports(
+    installed_cni: Path,
+) -> None:
+    """The whole CNI suite (real daemon, bridge and host-local plugins, packets) against the
+    zip application the DaemonSet installs, run by python3.8 as a node's python3 would."""
+    plugin = f"{_python(OLDEST_NODE_PYTHON)} -I -S {installed_cni / 'masqd-cni.pyz'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cni.py"],
+        cwd=REPO,
+        env={**os.environ, "MASQD_CNI_TEST_PLUGIN": plugin},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("version", ["3.6", "3.7"])
+def test_the_node_plugin_refuses_an_older_python_in_cni_terms(
+    installed_cni: Path, version: str
+) -> None:
+    python = _python(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this machine")
+    env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "VERSION"}
+    proc = run(python, "-I", "-S", installed_cni / "masqd-cni.pyz", input="{}", env=env)
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)
+    assert error["code"] == 100 and "3.8 or newer" in error["msg"], error
+
+
 # ---- Prometheus ------------------------------------------------------------------------
 
 
