@@ -161,7 +161,7 @@ def _attachment(key: tuple[str, str, str], record: AttachmentRecord) -> dict[str
         "network": key[0],
         "container_id": key[1],
         "ifname": key[2],
-        "ips": [f"{a}/{s.split('/')[1]}" for a, s in record.ips],
+        "ips": record.cidrs(),
     }
 
 

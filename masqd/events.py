@@ -54,7 +54,7 @@ SO_RCVBUFFORCE = 33  # like SO_RCVBUF, but root may exceed net.core.rmem_max
 RECEIVE_BUFFER = 16 * 1024 * 1024
 DATAGRAM_MAX = 256 * 1024
 
-_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _NFGENMSG = struct.Struct("=BBH")  # family, version, resource id (big endian, unused)
 _NLATTR = struct.Struct("=HH")  # length, type
 _BE32 = struct.Struct(">I")
@@ -94,13 +94,13 @@ class BatchParser:
     def feed(self, data: bytes) -> list[Batch]:
         batches: list[Batch] = []
         offset, end = 0, len(data)
-        while offset + _NLMSGHDR.size <= end:
-            length, msg_type, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size or offset + length > end:
+        while offset + NLMSGHDR.size <= end:
+            length, msg_type, _, _, _ = NLMSGHDR.unpack_from(data, offset)
+            if length < NLMSGHDR.size or offset + length > end:
                 self.lost()  # a malformed datagram: assume the worst
                 break
             if msg_type >> 8 == NFNL_SUBSYS_NFTABLES:
-                body = data[offset + _NLMSGHDR.size : offset + length]
+                body = data[offset + NLMSGHDR.size : offset + length]
                 kind = msg_type & 0xFF
                 if kind == NFT_MSG_NEWGEN:
                     batches.append(self._finish(body))
@@ -222,7 +222,7 @@ class EventWatcher:
             return
         self.pump()
         if self._parser.in_batch:
-            self._overflowed()
+            self._lost("a batch was cut by leaving the event group")
 
     def _read(self) -> None:
         while True:
@@ -242,8 +242,11 @@ class EventWatcher:
 
     def _overflowed(self) -> None:
         self.stats.overflows += 1
+        self._lost("receive buffer overflow")
+
+    def _lost(self, why: str) -> None:
         self._parser.lost()
-        log.info("nftables events were lost (receive buffer overflow): checking the table")
+        log.info("nftables events were lost (%s): checking the table", why)
         self._sink.events_lost()
 
     def _handle(self, batch: Batch) -> None:

@@ -384,7 +384,7 @@ class Migrator:
         except ValidationError as exc:
             return f"not a valid attachment name: {exc.errors()[0]['msg']}"
         existing = self.state.get(key)
-        current = [f"{a}/{s.split('/')[1]}" for a, s in existing.ips] if existing else []
+        current = existing.cidrs() if existing else []
         try:
             spec = AttachmentSpec(ips=tuple(_merge_ips(current, (r.ip for r in rules))))
         except ValidationError as exc:

@@ -42,7 +42,6 @@ from masqd.ruleset import TableState
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000
-NLMSG_ERROR = 2
 GENERATION_TIMEOUT = 5.0  # seconds; the kernel answers in microseconds
 BIG_TRANSACTION = 10_000  # element changes
 # Element changes per libnftables batch: a whole table of 400,000 in one batch made it peak at
@@ -176,13 +175,14 @@ class GenerationReader:
     thread (where small transactions run, see `KernelBackend`)."""
 
     def __init__(self) -> None:
-        from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_REQUEST
+        from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_REQUEST, NLMSG_ERROR
         from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
         from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, nft_gen_msg
 
         self._msg_class = nft_gen_msg
         self._type = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN
         self._flags = NLM_F_REQUEST
+        self._error_type = NLMSG_ERROR
         self._seq = 0
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
@@ -200,11 +200,11 @@ class GenerationReader:
         self._sock.send(request.data)
         while True:
             data = self._sock.recv(65536)
-            length, msg_type, _, seq, _ = struct.unpack_from("=IHHII", data)
+            length, msg_type, _, seq, _ = events.NLMSGHDR.unpack_from(data)
             if seq != self._seq:
                 continue  # the late answer to a read that timed out
-            if msg_type == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", data, 16)
+            if msg_type == self._error_type:
+                (code,) = struct.unpack_from("=i", data, events.NLMSGHDR.size)
                 raise OSError(-code, f"NFT_MSG_GETGEN: {os.strerror(-code)}")
             reply = self._msg_class(data[:length])
             reply.decode()

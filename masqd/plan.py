@@ -74,6 +74,10 @@ class AttachmentRecord:
         flat = self.flat
         return tuple(zip(flat[::2], flat[1::2], strict=True))
 
+    def cidrs(self) -> list[str]:
+        """The IPs as the API and the journal write them: 'address/prefix length'."""
+        return cidrs_of(self.ips)
+
     def subnet_of(self, address: str) -> str | None:
         """The subnet this attachment gave `address`; None when it does not hold it."""
         flat = self.flat
@@ -81,6 +85,11 @@ class AttachmentRecord:
             if flat[i] == address:
                 return flat[i + 1]
         return None
+
+
+def cidrs_of(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """(address, subnet) pairs -> 'address/prefix length' strings (`address_subnet` undone)."""
+    return [f"{address}/{subnet.rpartition('/')[2]}" for address, subnet in pairs]
 
 
 # ---- desired state -> desired table -----------------------------------------------------

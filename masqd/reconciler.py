@@ -445,10 +445,7 @@ class Reconciler:
         marker_true = not self._full_needed and self._known_generation is not None
         quiet = self.state.version == taken.version
         if journal.needs_compaction(len(self.state), overdue=not quiet):
-            records = [
-                (k, tuple(f"{a}/{s.split('/')[1]}" for a, s in r.ips))
-                for k, r in self.state.items()
-            ]
+            records = [(k, tuple(r.cidrs())) for k, r in self.state.items()]
             marker_true = marker_true and quiet
             await asyncio.to_thread(journal.compact, records)
         if marker_true and self._known_generation is not None:

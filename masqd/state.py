@@ -101,7 +101,7 @@ class DesiredState:
             )
         self._set(key, pairs)
         if self._journal is not None:
-            self._journal.record_put(key, [f"{a}/{s.split('/')[1]}" for a, s in pairs])
+            self._journal.record_put(key, plan.cidrs_of(pairs))
         return True
 
     def delete(self, key: AttachmentKeyT) -> AttachmentRecord | None:

@@ -66,8 +66,7 @@ def test_adopting_a_table_masqd_wrote_gives_the_same_table(spec: dict) -> None: 
 
 
 def plan_ip(ip: str) -> str:
-    address, subnet = plan.address_subnet(ip)
-    return f"{address}/{subnet.split('/')[1]}"
+    return plan.cidrs_of([plan.address_subnet(ip)])[0]
 
 
 def test_dual_stack_owner_is_one_attachment() -> None:

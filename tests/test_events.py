@@ -181,19 +181,26 @@ class Rig:
         return time.monotonic() - started
 
 
+def _reconciler(ns: str, poll: float) -> tuple[CountingBackend, DesiredState, Reconciler]:
+    """A reconciler over a counting kernel backend in `ns`, polling the generation every
+    `poll` seconds."""
+    backend = CountingBackend(table=TABLE, netns=f"/var/run/netns/{ns}")
+    state = DesiredState()
+    reconciler = Reconciler(
+        state=state,
+        backend=backend,
+        table=TABLE,
+        policy=Policy(),
+        metrics=Metrics(),
+        generation_poll_interval=poll,
+    )
+    return backend, state, reconciler
+
+
 @contextlib.asynccontextmanager
 async def rig(*, events: bool = True, poll: float = 3600.0) -> AsyncIterator[Rig]:
     with netns("ev") as ns:
-        backend = CountingBackend(table=TABLE, netns=f"/var/run/netns/{ns}")
-        state = DesiredState()
-        reconciler = Reconciler(
-            state=state,
-            backend=backend,
-            table=TABLE,
-            policy=Policy(),
-            metrics=Metrics(),
-            generation_poll_interval=poll,
-        )
+        backend, state, reconciler = _reconciler(ns, poll)
         watcher = None
         async with asyncio.TaskGroup() as tasks:
             if events:
@@ -344,16 +351,7 @@ async def test_the_generation_poll_reads_waiting_events_before_listing() -> None
     """Events are read only when the poll asks (no reader on the loop): a change elsewhere
     then costs no listing either."""
     with netns("ev") as ns:
-        backend = CountingBackend(table=TABLE, netns=f"/var/run/netns/{ns}")
-        state = DesiredState()
-        reconciler = Reconciler(
-            state=state,
-            backend=backend,
-            table=TABLE,
-            policy=Policy(),
-            metrics=Metrics(),
-            generation_poll_interval=0.02,
-        )
+        backend, _, reconciler = _reconciler(ns, poll=0.02)
         sock = await backend.open_event_socket()
         watcher = EventWatcher(sock, table=TABLE, sink=reconciler)
         reconciler.events = watcher

@@ -132,9 +132,7 @@ def test_compaction_keeps_the_content_and_appends_go_on(tmp_path: Path) -> None:
         state.delete(("net1", f"c{n}", "eth0"))
     write(journal)
     assert journal.needs_compaction(len(state))
-    journal.compact(
-        (k, tuple(f"{a}/{s.split('/')[1]}" for a, s in r.ips)) for k, r in state.items()
-    )
+    journal.compact((k, tuple(r.cidrs())) for k, r in state.items())
     assert journal.journal_path.read_bytes() == b""
     assert not journal.needs_compaction(len(state))
     state.put(("net1", "c9", "eth0"), ["198.18.1.99/24"])
@@ -156,9 +154,7 @@ def test_a_crash_between_snapshot_and_truncation_loses_nothing(tmp_path: Path) -
     state.put(C, ["198.18.1.3/16"])
     write(journal)
     old_journal = journal.journal_path.read_bytes()
-    journal.compact(
-        (k, tuple(f"{a}/{s.split('/')[1]}" for a, s in r.ips)) for k, r in state.items()
-    )
+    journal.compact((k, tuple(r.cidrs())) for k, r in state.items())
     journal.close()
     journal.journal_path.write_bytes(old_journal)  # as if the truncation never happened
     replayed, problems = replay(tmp_path)
