@@ -94,6 +94,7 @@ class Reconciler:
         resync_interval: float = 60.0,
         generation_poll_interval: float = 0.25,
         wall_clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.state = state
         self.backend = backend
@@ -104,6 +105,7 @@ class Reconciler:
         self.resync_interval = resync_interval
         self.generation_poll_interval = generation_poll_interval
         self._wall = wall_clock
+        self._timer = timer  # times journal appends (inline or thread); tests inject one
         self.stats = SyncStats()
         self.policy = policy
         self.applied_policy: Policy | None = None  # the policy of the last successful sync
@@ -413,12 +415,12 @@ class Reconciler:
         directory is tmpfs: microseconds) are written right here, since a hand-off to a
         thread and back costs a setup about 0.35 ms; anything big goes to a thread, and so
         does everything after an append that was slow (a disk), until one is fast again."""
-        started = time.perf_counter()
+        started = self._timer()
         if len(pending) <= INLINE_JOURNAL_LINES and self._last_journal_write < SLOW_JOURNAL_WRITE:
             journal.write_pending(pending)
         else:
             await asyncio.to_thread(journal.write_pending, pending)
-        self._last_journal_write = time.perf_counter() - started
+        self._last_journal_write = self._timer() - started
 
     async def _apply(self, tx: plan.Transaction) -> Applied:
         """Apply `tx`; a whole-table one with the event group left (see the module's doc)."""

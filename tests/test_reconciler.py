@@ -42,6 +42,7 @@ class Rig:
         journal: Journal | None = None,
         resync_interval: float = 60.0,
         generation_poll_interval: float = 0.25,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.backend = backend
         self.metrics = Metrics()
@@ -55,6 +56,7 @@ class Rig:
             journal=journal,
             resync_interval=resync_interval,
             generation_poll_interval=generation_poll_interval,
+            timer=timer,
         )
 
     def desired_dump(self) -> str:
@@ -323,17 +325,22 @@ async def test_nft_errors_are_classified() -> None:
 
 
 class _TimedJournal(Journal):
-    """Records which thread each append ran on; appends take `delay` seconds."""
+    """Records which thread each append ran on; each append takes `delay` seconds of `clock`
+    (fake time: the choice must not depend on how fast this machine's fsync is today)."""
 
     def __init__(self, directory: Path, delay: float) -> None:
         super().__init__(directory)
         self.delay = delay
+        self.clock = 0.0
         self.threads: list[str] = []
+
+    def now(self) -> float:
+        return self.clock
 
     def write_pending(self, lines: list[bytes], *, sync: bool = True) -> None:
         if lines and sync:
             self.threads.append(threading.current_thread().name)
-            time.sleep(self.delay)
+            self.clock += self.delay
         super().write_pending(lines, sync=sync)
 
 
@@ -341,7 +348,7 @@ async def test_small_fast_journal_appends_run_on_the_loop_and_slow_ones_move_off
     tmp_path: Path,
 ) -> None:
     journal = _TimedJournal(tmp_path, delay=0.0)
-    rig = Rig(FakeBackend(table=TABLE), journal=journal)
+    rig = Rig(FakeBackend(table=TABLE), journal=journal, timer=journal.now)
     main = threading.current_thread().name
     async with running(rig):
         await rig.put(A, ["198.18.1.2/24"])
