@@ -31,6 +31,7 @@ import shutil
 import socket
 import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,10 +74,36 @@ class Observation:
 
 @dataclass(frozen=True)
 class Applied:
+    """What a commit of ours did to the ruleset generation.
+
+    `before` was read just before the first batch, `generation` just after the last; each of
+    our `commits` (batches) moved it by one.
+    """
+
     generation: int
-    # True when nothing else committed between our read of the generation and our commit:
-    # then the mirror of the kernel that the reconciler keeps is still exact.
-    exclusive: bool
+    before: int
+    commits: int
+
+    def exclusive_since(self, basis: int | None) -> bool:
+        """True when nothing but this transaction committed since generation `basis`: the one
+        the plan was made from (a listing's, or the mirror's known one). Only then is the
+        mirror plus this transaction exactly what the kernel holds.
+
+        Judging from `before` alone misses a commit that landed between the listing and
+        `before` (issue 14). `before == basis` is checked as well as the sum: a batch of ours
+        that changed nothing (adding what is there) moves no generation, and would otherwise
+        hide a foreign commit of one.
+        """
+        return (
+            basis is not None and self.before == basis and self.generation == basis + self.commits
+        )
+
+
+# Called by a backend at fixed points of its work, with the point's name, so that tests can
+# commit something of their own there (see `Stage`): "observe" before a listing, "listed"
+# after it (the window between a listing and the commit planned from it), "commit" just
+# before each batch of a transaction (after the generation read that precedes it).
+Stage = Callable[[str], None]
 
 
 class Backend(Protocol):
@@ -285,6 +312,7 @@ class KernelBackend:
         )
         self._worker = _Channel(runner)
         self._inline = _Channel(runner) if netns is None and runner == "lib" else None
+        self.stage: Stage | None = None  # tests only; runs on the thread doing the work
 
     def _init_thread(self) -> None:
         if self._netns:
@@ -296,9 +324,14 @@ class KernelBackend:
 
     # The `_` methods run with a channel of the thread they run on.
 
+    def _stage(self, point: str) -> None:
+        if self.stage is not None:
+            self.stage(point)
+
     def _observe(self, ch: _Channel) -> Observation:
         cmd = {"nftables": [{"list": {"table": ruleset.table_ref(self.table)}}]}
         for _ in range(5):
+            self._stage("observe")
             before = ch.gen.read()
             try:
                 out = ch.runner.run(cmd)
@@ -313,13 +346,16 @@ class KernelBackend:
         # as long as the context lives (about 250 MiB for 400,000 elements). Nothing later
         # needs it, so start the next command from a fresh context.
         ch.drop_runner()
-        # (If the ruleset kept changing under us, the last listing is still a listing.)
+        self._stage("listed")
         try:
             listing = json.loads(out)["nftables"] if out.strip() else []
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             # nft 1.0.6 prints truncated JSON for a table owned by another process.
             raise NftError(f"unreadable listing of table inet {self.table}: {exc}") from None
-        return Observation(ruleset.parse_table(self.table, listing), after)
+        # If the ruleset kept changing under us, the last listing is still a listing, but
+        # only of `before`: a commit between it and `after` may or may not be in it, so the
+        # commit planned from it can never count as exclusive, and the next sync lists again.
+        return Observation(ruleset.parse_table(self.table, listing), before)
 
     def _apply(self, tx: Transaction, ch: _Channel) -> Applied:
         if log.isEnabledFor(logging.DEBUG):
@@ -330,6 +366,7 @@ class KernelBackend:
         # Big transactions go in batches of BATCH_ELEMENTS (see Transaction.batches), each
         # with a fresh libnftables context, so that its memory is given back in between.
         for payload in tx.batches(BATCH_ELEMENTS):
+            self._stage("commit")
             try:
                 ch.runner.run(payload)
             finally:
@@ -337,8 +374,7 @@ class KernelBackend:
                     del payload  # before trimming the heap
                     ch.drop_runner()
             batches += 1
-        after = ch.gen.read()
-        return Applied(after, exclusive=after == before + batches)
+        return Applied(ch.gen.read(), before, batches)
 
     async def observe(self) -> Observation:
         result: Observation = await self._call(self._observe)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from masqd import ruleset
-from masqd.nft import Applied, NftError, Observation
+from masqd.nft import Applied, NftError, Observation, Stage
 from masqd.plan import Transaction
 from masqd.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
 
@@ -89,6 +89,7 @@ class FakeBackend:
         self.observes = 0
         self.closed = False
         self._failures: list[str] = []
+        self.stage: Stage | None = None  # called at the points KernelBackend calls it
 
     # ---- Backend -------------------------------------------------------------------------
 
@@ -96,7 +97,10 @@ class FakeBackend:
         self._check_open()
         self.observes += 1
         await asyncio.sleep(0)
-        return Observation(ruleset.parse_table(self.table, self.listing()), self._generation)
+        self._stage("observe")
+        observation = Observation(ruleset.parse_table(self.table, self.listing()), self._generation)
+        self._stage("listed")
+        return observation
 
     async def apply(self, tx: Transaction) -> Applied:
         self._check_open()
@@ -105,10 +109,10 @@ class FakeBackend:
         if self._failures:
             raise NftError(self._failures.pop(0))
         before = self._generation
+        self._stage("commit")
         self.run_json(tx.to_json())
         self.applied.append(tx)
-        # As KernelBackend judges it: exclusive when exactly our commit moved the generation.
-        return Applied(self._generation, exclusive=self._generation == before + 1)
+        return Applied(self._generation, before, 1)
 
     async def generation(self) -> int:
         self._check_open()
@@ -116,6 +120,10 @@ class FakeBackend:
 
     async def close(self) -> None:
         self.closed = True
+
+    def _stage(self, point: str) -> None:
+        if self.stage is not None:
+            self.stage(point)
 
     def _check_open(self) -> None:
         if self.closed:

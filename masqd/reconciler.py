@@ -116,6 +116,9 @@ class Reconciler:
         self._synced = asyncio.Event()  # set, then replaced, by every successful sync
         self._mirror: TableState | None = None  # what the kernel holds, as far as we know
         self._known_generation: int | None = None
+        # The mirror came from the journal's last marker (`seed`) and no sync has succeeded
+        # since: the records replayed after the marker may or may not be in the kernel.
+        self._seeded = False
         self._wake = asyncio.Event()
         self._full_needed = True
         self._full_reason = "startup"
@@ -155,11 +158,13 @@ class Reconciler:
         """
         self._mirror = mirror
         self._known_generation = generation
+        self._seeded = True
 
     def forget_mirror(self) -> None:
         """Undo `seed`: the next sync lists the table."""
         self._mirror = None
         self._known_generation = None
+        self._seeded = False
 
     def baseline(self, elements: dict[str, dict[str, ruleset.Element]]) -> TableState:
         """The table the current policy gives with these attachment elements."""
@@ -222,6 +227,10 @@ class Reconciler:
         finally:
             if entry in self._waiters:
                 self._waiters.remove(entry)
+
+    async def wait_synced(self) -> None:
+        """Return once the next successful sync has finished."""
+        await self._synced.wait()
 
     async def wait_policy_applied(self, policy: Policy, timeout: float) -> None:  # noqa: ASYNC109
         """Return once a successful sync has put `policy` into the kernel (TimeoutError)."""
@@ -302,7 +311,7 @@ class Reconciler:
         """One sync; True when it succeeded. Never raises but for cancellation."""
         loop = asyncio.get_running_loop()
         self._wake.clear()
-        full = self._full_needed or self._mirror is None
+        full = self._full_needed or self._mirror is None or self._known_generation is None
         reason = self._full_reason if full else "change"
         kind = "full" if full else "partial"
         started = loop.time()
@@ -363,17 +372,15 @@ class Reconciler:
     async def _sync(self, *, full: bool, reason: str, taken: _Taken) -> bool:
         """Plan, journal, apply. True when a full sync found the kernel differing from what
         masqd had last written (drift)."""
-        drifted = False
-        listed = False
+        last_written = self._mirror
         if full:
-            observed = await self._observe(reason)
-            listed = observed is not self._mirror
-            if self._mirror is not None and listed:
-                drifted = not _same_table(observed, self._mirror)
-            mirror = observed
+            mirror = await self._observe(reason)
         else:
             assert self._mirror is not None
             mirror = self._mirror
+        listed = mirror is not last_written
+        # The generation this sync plans from (see `Applied.exclusive_since`).
+        basis = self._known_generation
         # Taken after the last await before planning, so that the plan, the journal records
         # written below and the version acknowledged afterwards describe the same changes.
         taken.version = self.state.version
@@ -381,6 +388,11 @@ class Reconciler:
         taken.pending = pending = self.journal.take_pending() if self.journal else []
         policy = self.policy
         desired = self._desired(policy)
+        drifted = (
+            listed
+            and last_written is not None
+            and _drifted(mirror, last_written, desired, in_flight=dirty if self._seeded else set())
+        )
         # Without a fresh listing the mirror is exact and only the changed keys can differ:
         # comparing 400,000 elements every resync was most of an idle daemon's CPU.
         tx = plan.plan(
@@ -397,13 +409,18 @@ class Reconciler:
             applied = await self._apply(tx)
             assert desired.structure is not None
             plan.apply_in_place(tx, mirror, desired_structure=desired.structure)
-            self._known_generation = applied.generation
-            if not applied.exclusive:
-                # Someone else committed around our transaction: check with a full sync.
+            if applied.exclusive_since(basis):
+                self._known_generation = applied.generation
+            else:
+                # Someone else committed between the picture we planned from and our commit:
+                # the mirror is exact at no generation we know. Nothing may trust it (not the
+                # periodic resync, not an event's "already seen") until a listing.
+                self._known_generation = None
                 self.request_full("concurrent change")
         if listed:
             mirror = TableState(mirror.structure, planned)
         self._mirror = mirror
+        self._seeded = False
         self.applied_policy = policy
         self.stats.last_tx_elements = tx.element_changes
         if self.journal is not None:
@@ -583,8 +600,29 @@ class _Taken:
     pending: list[bytes]
 
 
-def _same_table(a: TableState, b: TableState) -> bool:
-    return a.structure == b.structure and a.sets == b.sets
+def _drifted(
+    observed: TableState, written: TableState, desired: TableState, *, in_flight: set[str]
+) -> bool:
+    """True when a listing differs from what masqd last wrote by something masqd did not do.
+
+    Keys in `in_flight` may hold either their old value or the desired one: at start-up
+    they are the journal records replayed after the last marker, whose transaction may have
+    committed before the daemon was killed (SIGKILL between the commit and the marker). So a
+    restart that finds its own last transaction in the kernel is no drift.
+    """
+    if observed.structure not in (written.structure, desired.structure):
+        return True
+    empty: dict[str, ruleset.Element] = {}
+    for name in observed.sets.keys() | written.sets.keys():
+        have, was = observed.sets.get(name, empty), written.sets.get(name, empty)
+        if have == was:
+            continue
+        want = desired.sets.get(name, empty)
+        for key in have.keys() | was.keys():
+            value = have.get(key)
+            if value != was.get(key) and not (key in in_flight and value == want.get(key)):
+                return True
+    return False
 
 
 def _family_counts(table: TableState) -> dict[str, int]:

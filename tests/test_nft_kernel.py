@@ -312,7 +312,8 @@ async def test_adding_what_is_there_commits_nothing(harness: Harness) -> None:
     existing = harness.state().sets[SOURCES4]["198.18.1.2"]
     again = Transaction(TABLE, POLICY, add={SOURCES4: (Element(existing.key, None, "x/y/z"),)})
     applied = await harness.backend.apply(again)
-    assert applied.generation == generation and not applied.exclusive
+    # Nothing committed, so it cannot count as exclusive: the generation did not move by one.
+    assert applied.generation == generation and not applied.exclusive_since(generation)
     assert harness.dump() == before  # the old comment stays
 
 
@@ -580,5 +581,6 @@ async def test_a_big_transaction_goes_in_batches_that_make_the_whole_table(
     tx = plan.plan(desired(state), TableState(None), table=TABLE, policy=POLICY)
     assert tx.recreate and tx.element_changes == 40
     applied = await kernel.backend.apply(tx)
-    assert applied.generation == before + 6 and applied.exclusive  # ceil(40 / 7) batches
+    assert applied.commits == 6  # ceil(40 / 7) batches
+    assert applied.generation == before + 6 and applied.exclusive_since(before)
     assert kernel.dump() == dump_table(desired(state))
