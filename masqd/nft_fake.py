@@ -14,6 +14,7 @@ and by tests/test_nft_kernel.py, which runs the same scenarios on both):
 - deleting an element, set, chain or table that is not there fails with ENOENT
   ("No such file or directory"); element commands on a missing table or set too;
 - adding an element that is there is a no-op, and keeps the element's old comment;
+  creating one (`create element`, which masqd's transactions use) fails with EEXIST;
 - the `local<family>_<plen>` sets are plain (hash) concatenated sets: an element is the
   exact pair (address . network address), so a second network address for an address is a
   second element; an overlapping `exempt` CIDR fails in nft itself ("interval overlaps with
@@ -182,6 +183,7 @@ class FakeBackend:
             ("delete", "set"): self._delete_set,
             ("delete", "chain"): self._delete_chain,
             ("add", "element"): self._add_elements,
+            ("create", "element"): self._create_elements,
             ("delete", "element"): self._delete_elements,
         }.get((verb, kind))
         if handler is None:
@@ -293,6 +295,18 @@ class FakeBackend:
         for value in spec["elem"]:
             changed |= _add_element(spec["name"], s, value)
         return changed
+
+    @staticmethod
+    def _create_elements(table: _Table, spec: dict[str, Any]) -> bool:
+        """`create element`: `add element` that fails with EEXIST for an element that is
+        there (NLM_F_EXCL), so it always moves the generation or fails."""
+        s = table.sets.get(spec["name"])
+        if s is None:
+            raise NftError(f"{ENOENT} (create element in missing set {spec['name']!r})")
+        for value in spec["elem"]:
+            if not _add_element(spec["name"], s, value):
+                raise NftError(f"{EEXIST} (create element {value!r} in {spec['name']})")
+        return True
 
     @staticmethod
     def _delete_elements(table: _Table, spec: dict[str, Any]) -> bool:

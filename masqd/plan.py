@@ -320,8 +320,22 @@ class Transaction:
         return cmds
 
     def _element_groups(self) -> Iterator[tuple[str, str, tuple[Element, ...], bool]]:
-        """(verb, set, elements, with comments) for each non-empty group, deletions first."""
-        for verb, groups, with_comment in (("delete", self.delete, False), ("add", self.add, True)):
+        """(verb, set, elements, with comments) for each non-empty group, deletions first.
+
+        Elements go in with `create`, not `add`: adding an element that is there commits
+        nothing, so a foreign commit that added it just before ours would leave the generation
+        moved by one, as if only we had committed, and a mirror that missed the rest of that
+        commit would pass for exact (see `nft.Applied.exclusive_since`). `create` fails with
+        EEXIST instead, like `delete` of a missing element fails with ENOENT, and the next
+        sync lists the table. A recreated table keeps `add`: its batch always commits
+        (it replaces the table), and nft 1.0.6 refuses to `create` an interval element there
+        that the table being replaced held ("File exists").
+        """
+        add_verb = "add" if self.recreate else "create"
+        for verb, groups, with_comment in (
+            ("delete", self.delete, False),
+            (add_verb, self.add, True),
+        ):
             for set_name in sorted(groups):
                 if groups[set_name]:
                     yield verb, set_name, groups[set_name], with_comment
@@ -350,7 +364,8 @@ class Transaction:
                     f"flush chain inet {t} {ruleset.CHAIN}",
                     f"# ... the {count} rules of {ruleset.CHAIN}",
                 ]
-        for verb, groups in (("delete", self.delete), ("add", self.add)):
+        add_verb = "add" if self.recreate else "create"
+        for verb, groups in (("delete", self.delete), (add_verb, self.add)):
             for set_name in sorted(groups):
                 for e in groups[set_name]:
                     lines.append(

@@ -223,6 +223,63 @@ async def test_the_periodic_resync_lists_again_after_a_commit_it_missed() -> Non
     assert reconciler.stats.drift_repairs == 1
 
 
+@pytest.mark.parametrize("kind", ["fake", pytest.param("kernel", marks=pytest.mark.kernel)])
+async def test_a_foreign_commit_that_makes_ours_a_no_op_is_not_mistaken_for_ours(
+    kind: str,
+) -> None:
+    """Just before masqd commits a setup of 198.18.1.2, someone else commits that very
+    element and a foreign exempt4 element in one batch. Had masqd's commit been an `add`, it
+    would have committed nothing, and the generation would have moved by exactly one, as if
+    only masqd had committed. Its `create` fails instead (EEXIST), and the full sync after it
+    removes the foreign element."""
+    with contextlib.ExitStack() as stack:
+        backend: FakeBackend | KernelBackend
+        if kind == "fake":
+            fake = backend = FakeBackend(table=TABLE)
+
+            def commit() -> None:
+                sources = {"family": "inet", "table": TABLE, "name": SOURCES4}
+                exempt = {"family": "inet", "table": TABLE, "name": EXEMPT4}
+                fake.run_json(
+                    {
+                        "nftables": [
+                            {"add": {"element": sources | {"elem": ["198.18.1.2"]}}},
+                            {"add": {"element": exempt | {"elem": [FOREIGN]}}},
+                        ]
+                    }
+                )
+        else:
+            ns = stack.enter_context(netns("noop"))
+            backend = KernelBackend(table=TABLE, netns=f"/var/run/netns/{ns}")
+            script = (
+                f"add element inet {TABLE} {SOURCES4} {{ 198.18.1.2 }}\n"
+                f"add element inet {TABLE} {EXEMPT4} {{ {FOREIGN} }}\n"
+            )
+
+            def commit() -> None:
+                nft(ns, "-f", "-", input=script)
+
+        state = DesiredState()
+        reconciler = _reconciler(state, backend, poll=3600)
+        try:
+            assert await reconciler.sync_once()
+            state.put(("net", "a", "eth0"), ["198.18.1.2/24"])
+            backend.stage = Hook("commit", commit)
+            reconciler.request()
+            assert not await reconciler.sync_once()  # EEXIST: the mirror was stale
+            backend.stage = None
+            assert (
+                reconciler.stats.last_error is not None and "exists" in reconciler.stats.last_error
+            )
+            assert await reconciler.sync_once()  # a full sync, at once
+            observed = dump_table((await backend.observe()).table)
+            assert observed == dump_table(reconciler.baseline(state.elements))
+            assert FOREIGN not in observed
+            assert reconciler.stats.drift_repairs == 1
+        finally:
+            await backend.close()
+
+
 # ---- the real kernel ----------------------------------------------------------------------
 
 

@@ -304,17 +304,27 @@ async def test_element_ops_on_a_missing_table_fail_with_enoent(harness: Harness)
     assert harness.dump() == "(no table)"
 
 
-async def test_adding_what_is_there_commits_nothing(harness: Harness) -> None:
+async def test_adding_what_is_there_commits_nothing_and_creating_it_fails(
+    harness: Harness,
+) -> None:
+    """`add element` of an element that is there commits nothing (the generation stays), so
+    masqd's transactions `create` their elements instead: that fails with EEXIST."""
     state = two_attachments()
     await sync(harness, state)
     generation = await harness.backend.generation()
     before = harness.dump()
     existing = harness.state().sets[SOURCES4]["198.18.1.2"]
-    again = Transaction(TABLE, POLICY, add={SOURCES4: (Element(existing.key, None, "x/y/z"),)})
-    applied = await harness.backend.apply(again)
-    # Nothing committed, so it cannot count as exclusive: the generation did not move by one.
-    assert applied.generation == generation and not applied.exclusive_since(generation)
+    element = ruleset.element_json(SOURCES4, Element(existing.key, None, "x/y/z"))
+    ref = {"family": "inet", "table": TABLE, "name": SOURCES4, "elem": [element]}
+    harness.run([{"add": {"element": ref}}])
+    assert await harness.backend.generation() == generation
     assert harness.dump() == before  # the old comment stays
+    again = Transaction(TABLE, POLICY, add={SOURCES4: (Element(existing.key, None, "x/y/z"),)})
+    with pytest.raises(NftError) as raised:
+        await harness.backend.apply(again)
+    assert raised.value.kind == "eexist"
+    assert await harness.backend.generation() == generation
+    assert harness.dump() == before
 
 
 async def test_recreate_replaces_a_table_with_content(harness: Harness) -> None:

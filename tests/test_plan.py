@@ -335,7 +335,7 @@ def test_encoded_comments_are_escaped() -> None:
         add={"local4_24": (Element("198.18.1.2", "198.18.1.0/24", comment),)},
     )
     assert json.loads(tx.encode()) == tx.to_json()
-    assert tx.to_json()["nftables"][0]["add"]["element"]["elem"][0]["elem"]["comment"] == comment
+    assert tx.to_json()["nftables"][0]["create"]["element"]["elem"][0]["elem"]["comment"] == comment
 
 
 @settings(max_examples=120, deadline=None)
@@ -456,7 +456,8 @@ def test_a_single_setup_on_a_large_table_is_a_handful_of_element_adds() -> None:
             L6_64: ["2001:db8:99::2"],
         }
         commands = tx.to_json()["nftables"]
-        assert len(commands) == 4 and all("add" in c and "element" in c["add"] for c in commands)
+        assert len(commands) == 4
+        assert all("create" in c and "element" in c["create"] for c in commands)
 
 
 # ---- damage of each kind picks the cheapest repair --------------------------------------
@@ -501,13 +502,13 @@ def test_deletes_go_before_adds_and_carry_no_comment() -> None:
     observed.sets[L4_24]["198.18.1.2"] = Element("198.18.1.2", "198.18.0.0/24", "old/owner/eth0")
     tx = plan.plan(desired, observed, table=TABLE, policy=policy, touched={"198.18.1.2"})
     commands = tx.to_json()["nftables"]
-    assert [next(iter(c)) for c in commands] == ["delete", "add"]
+    assert [next(iter(c)) for c in commands] == ["delete", "create"]
     assert commands[0]["delete"]["element"]["elem"] == [{"concat": ["198.18.1.2", "198.18.0.0"]}]
-    assert commands[1]["add"]["element"]["elem"][0]["elem"]["comment"] == "net1/c1/eth0"
+    assert commands[1]["create"]["element"]["elem"][0]["elem"]["comment"] == "net1/c1/eth0"
     script = tx.to_script().splitlines()
     assert script == [
         'delete element inet masqd local4_24 { 198.18.1.2 . 198.18.0.0 comment "old/owner/eth0" }',
-        'add element inet masqd local4_24 { 198.18.1.2 . 198.18.1.0 comment "net1/c1/eth0" }',
+        'create element inet masqd local4_24 { 198.18.1.2 . 198.18.1.0 comment "net1/c1/eth0" }',
     ]
 
 
@@ -522,7 +523,7 @@ def test_a_new_prefix_length_adds_its_set_and_rule_and_an_unused_one_goes() -> N
     verbs = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in tx.to_json()["nftables"]]
     # New set first, then the rules that refer to it, then its elements.
     assert verbs[0] == ("add", "set") and verbs[1] == ("flush", "chain")
-    assert verbs[-2:] == [("add", "element"), ("add", "element")]
+    assert verbs[-2:] == [("create", "element"), ("create", "element")]
     assert "add set inet masqd local4_16 { type ipv4_addr . ipv4_addr; }" in tx.to_script()
     assert same(plan.apply(tx, before), after)
     # Its last holder gone: the rules are rewritten without it, then the set is deleted.
