@@ -388,11 +388,13 @@ class Reconciler:
         taken.pending = pending = self.journal.take_pending() if self.journal else []
         policy = self.policy
         desired = self._desired(policy)
-        drifted = (
-            listed
-            and last_written is not None
-            and _drifted(mirror, last_written, desired, in_flight=dirty if self._seeded else set())
-        )
+        drifted = False
+        if listed and last_written is not None:
+            drifted = (
+                _drifted_since_restart(mirror, last_written, desired, in_flight=dirty)
+                if self._seeded
+                else not _same_table(mirror, last_written)
+            )
         # Without a fresh listing the mirror is exact and only the changed keys can differ:
         # comparing 400,000 elements every resync was most of an idle daemon's CPU.
         tx = plan.plan(
@@ -600,15 +602,21 @@ class _Taken:
     pending: list[bytes]
 
 
-def _drifted(
+def _same_table(a: TableState, b: TableState) -> bool:
+    return a.structure == b.structure and a.sets == b.sets
+
+
+def _drifted_since_restart(
     observed: TableState, written: TableState, desired: TableState, *, in_flight: set[str]
 ) -> bool:
-    """True when a listing differs from what masqd last wrote by something masqd did not do.
+    """True when the first listing after a restart differs from the journal's last marker
+    (`written`) by something masqd did not do.
 
-    Keys in `in_flight` may hold either their old value or the desired one: at start-up
-    they are the journal records replayed after the last marker, whose transaction may have
-    committed before the daemon was killed (SIGKILL between the commit and the marker). So a
-    restart that finds its own last transaction in the kernel is no drift.
+    The keys in `in_flight` are those of the records replayed after that marker: their
+    transaction may have committed before the daemon was killed (SIGKILL between the commit
+    and the marker), so they may hold their old value or the desired one, and the structure
+    may be the old or the desired one. A restart that finds its own last transaction in the
+    kernel is no drift.
     """
     if observed.structure not in (written.structure, desired.structure):
         return True

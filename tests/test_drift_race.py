@@ -280,6 +280,37 @@ async def test_a_foreign_commit_that_makes_ours_a_no_op_is_not_mistaken_for_ours
             await backend.close()
 
 
+@pytest.mark.parametrize("foreign", [False, True])
+async def test_a_start_that_finds_its_own_unmarked_transaction_counts_no_drift(
+    foreign: bool,
+) -> None:
+    """A restart from a journal whose last records (B) were committed, but whose marker was
+    not written (SIGKILL in between): the listing holds B, the marker's picture does not.
+    That is masqd's own doing, not drift; a foreign element beside it still is."""
+    backend = FakeBackend(table=TABLE)
+    a, b = ("net", "a", "eth0"), ("net", "b", "eth0")
+    before = DesiredState()
+    first = _reconciler(before, backend, poll=3600)
+    before.put(a, ["198.18.1.2/24"])
+    assert await first.sync_once()
+    marker = (first.baseline(before.elements), await backend.generation())
+    before.put(b, ["198.18.2.2/16"])  # a new prefix length: a new local set and rules too
+    assert await first.sync_once()
+    if foreign:
+        _fake_commit(backend, "exempt4", "")()
+
+    # The restart: replay up to the marker, seed, replay the rest (as Daemon.load_journal).
+    state = DesiredState()
+    state.put(a, ["198.18.1.2/24"])
+    state.take_dirty()
+    reconciler = _reconciler(state, backend, poll=3600)
+    reconciler.seed(*marker)
+    state.put(b, ["198.18.2.2/16"])
+    assert await reconciler.sync_once()
+    assert reconciler.stats.drift_repairs == (1 if foreign else 0)
+    assert backend.dump() == dump_table(reconciler.baseline(state.elements))
+
+
 # ---- the real kernel ----------------------------------------------------------------------
 
 
