@@ -11,6 +11,12 @@ Two kinds of sync:
 - full: list the table, plan everything, and trust the listing as the new mirror. Used at
   start-up, on suspected drift, periodically, and after any failure.
 
+The known generation is one at which the mirror is exact, or None. After a commit of ours
+it moves to the commit's generation only if nothing else committed since the generation the
+sync planned from (`Applied.exclusive_since`); otherwise it is None until a listing, so the
+periodic resync, which skips its listing when the generation has not moved, and an event's
+"already known" never trust a mirror that missed a commit.
+
 nftables events (`events`) arrive through `table_changed` (a batch touched our table: full
 sync, unless it is a generation we already know, such as our own transaction's echo),
 `other_tables_changed` (a batch elsewhere: the known generation moves on without a listing,
@@ -23,7 +29,8 @@ element, and the generation read afterwards tells whether anyone else committed 
 A kernel error never escapes: it is logged and counted, waiters keep waiting (bounded by
 their own timeout), readiness goes false, and the next attempt is a full sync after a
 backoff. A partial sync that fails is retried at once as a full sync, since a stale mirror
-(someone deleted an element we were about to delete) is its usual cause.
+(someone deleted an element we were about to delete, or added one we were about to create)
+is its usual cause.
 """
 
 from __future__ import annotations
