@@ -6,17 +6,19 @@ against a generation read just before the commit, so the mirror kept a picture t
 it, and neither the events ("already seen") nor the periodic resync ("generation unchanged")
 ever looked again.
 
-- Rounds on the fake backend and on the real kernel (in a throwaway namespace, with the
-  nftables events and the generation poll running as in the daemon): a `Stage` hook of the
-  backend commits a foreign change before the sync starts, before its listing, between the
-  listing and the commit, or just before the commit; each round's change must be repaired,
-  on the kernel within 0.25 s, measured at the end of the reconciler's own syncs. After
-  every sync on the fake, a mirror that claims the current generation must be exact.
+- Rounds on the fake backend (generation poll on) and on the real kernel (in a throwaway
+  namespace, nftables events on, generation poll off): a `Stage` hook of the backend
+  commits a foreign change before the sync starts, before its listing, between the listing
+  and the commit, or just before the commit; each round's change must be repaired, on the
+  kernel within 0.25 s, measured at the end of the reconciler's own syncs. After every sync
+  on the fake, a mirror that claims the current generation must be exact. A foreign commit
+  of the very element masqd is adding must not pass for masqd's own commit.
 - The repro from the issue against the real daemon: two `nft add element` one right after
   the other (sources4, then exempt4), 30 rounds; and a tight loop of foreign `nft` commands
   while the daemon handles setups.
 - A restart after SIGKILL that finds masqd's own last transaction in the kernel counts no
-  drift repair (issue 10); a change made while the daemon was down still does.
+  drift repair (issue 10), on the fake and with the real daemon; a change made while the
+  daemon was down still does.
 """
 
 from __future__ import annotations
@@ -327,15 +329,24 @@ class Outsider:
 async def _repair_time(
     reconciler: Reconciler, outsider: Outsider, want: Callable[[], str], hook: Hook
 ) -> float:
-    """Monotonic time by which the kernel held `want()` after the hook fired, looked at after
-    each sync ends (and once now); raises TimeoutError after GIVE_UP."""
+    """When the sync that left the kernel holding `want()` ended (monotonic), once the hook
+    has fired; raises TimeoutError after GIVE_UP.
+
+    Measured at the reconciler's own signal, the end of a successful sync (`wait_synced`),
+    not at the end of the test's listing, which only confirms it: a listing that shows the
+    repair, while no sync ran or finished during it, proves that the syncs ended by then
+    made it. Otherwise the next sync's end is the candidate.
+    """
     async with asyncio.timeout(GIVE_UP):
+        await reconciler.wait_synced()
         while True:
-            syncs = reconciler.stats.total
-            if hook.fired_at is not None and await outsider.dump() == want():
-                return time.monotonic()
+            ended, syncs = time.monotonic(), reconciler.stats.total
+            repaired = hook.fired_at is not None and await outsider.dump() == want()
+            if repaired and reconciler.stats.total == syncs and reconciler.sync_age() == 0:
+                return ended
             if reconciler.stats.total == syncs:
                 await reconciler.wait_synced()
+            # else a sync ended during the listing: look again
 
 
 @pytest.mark.kernel
@@ -349,7 +360,9 @@ async def test_foreign_commits_racing_syncs_are_repaired_within_a_quarter_second
         backend = KernelBackend(table=TABLE, netns=f"/var/run/netns/{ns}")
         outsider = Outsider(ns)
         state = DesiredState()
-        reconciler = _reconciler(state, backend, poll=0.25)
+        # No generation poll: every repair must come from the events or from the
+        # reconciler's own judgment of its commit, not from the fallback.
+        reconciler = _reconciler(state, backend, poll=3600)
         watcher = EventWatcher(await backend.open_event_socket(), table=TABLE, sink=reconciler)
         reconciler.events = watcher
         state.put(("net", "base", "eth0"), ["198.18.99.2/24"])
