@@ -100,9 +100,9 @@ class Applied:
 
 
 # Called by a backend at fixed points of its work, with the point's name, so that tests can
-# commit something of their own there (see `Stage`): "observe" before a listing, "listed"
-# after it (the window between a listing and the commit planned from it), "commit" just
-# before each batch of a transaction (after the generation read that precedes it).
+# commit something of their own exactly there (tests/test_drift_race.py): "observe" before a
+# listing, "listed" after it (the window between a listing and the commit planned from it),
+# "commit" just before each batch of a transaction (after the generation read before it).
 Stage = Callable[[str], None]
 
 
