@@ -1,6 +1,7 @@
 """The composition root: build the parts, run them, stop them in order.
 
 Start-up, in order:
+0. lock the state directory (`statedir`): a second daemon on it refuses to start;
 1. load the journal into the desired state (problems are reported, never fatal); when there
    is no journal, or it had problems, while the table is in the kernel, adopt the attachments
    the table's element comments name (`adopt`) rather than wipe what it holds;
@@ -59,6 +60,7 @@ from masqd.ruleset import Policy
 from masqd.sdnotify import Notifier, watchdog_loop
 from masqd.server import LimitedSockSite
 from masqd.state import CapacityExceeded, DesiredState
+from masqd.statedir import StateDirBusy, StateDirLock
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class Daemon:
         self.loader = loader  # re-reads the config file on SIGHUP
         self.metrics = metrics or Metrics()
         self.journal = Journal(Path(config.state_dir))
+        self.lock = StateDirLock(Path(config.state_dir))
         self.state = DesiredState(journal=self.journal, max_attachments=config.max_attachments)
         self.backend = backend or KernelBackend(table=config.table, runner=config.nft_runner)
         self.reconciler = Reconciler(
@@ -266,6 +269,15 @@ class Daemon:
 
     async def run(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
+        # Before anything reads the journal or opens the socket: a second daemon on this
+        # state directory stops here (StateDirBusy), having changed nothing.
+        self.lock.acquire()
+        try:
+            await self._run_locked()
+        finally:
+            self.lock.release()
+
+    async def _run_locked(self) -> None:
         tune_allocator()
         # Replaying 100,000 attachments allocates a million long-lived objects: collecting
         # while they are made cost half the load time, and freezing them afterwards keeps
@@ -492,8 +504,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         loader.path,
         "" if os.path.exists(loader.path) else ", absent",
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Daemon(config, loader=loader).run())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(Daemon(config, loader=loader).run())
+    except StateDirBusy as exc:
+        log.error("%s", exc)
+        logging.shutdown()
+        sys.exit(1)
     # Everything is closed and on disk. Skip the interpreter's teardown: freeing a few million
     # objects one by one (and a last collection over those made since start-up) took 1.4 s
     # at 100,000 attachments, during which a restart's requests wait on the socket.
