@@ -40,7 +40,7 @@ class StateDirLock:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            who = f"pid {holder}" if holder is not None else "a process whose pid is not written yet"
+            who = f"pid {holder}" if holder is not None else "pid not written yet"
             raise StateDirBusy(
                 f"state directory {self.path.parent} is in use by another masqd ({who}, "
                 f"lock {self.path}); refusing to start"
