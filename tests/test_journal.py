@@ -380,7 +380,7 @@ def test_a_failed_append_is_cut_back_before_the_next(
             return real_write(fd, bytes(data[:20]))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(journal_module.os, "write", half_then_enospc)
+    monkeypatch.setattr(os, "write", half_then_enospc)
     journal.record_delete(A)
     journal.record_put(B, ["198.18.1.3/24"])
     failed = journal.take_pending()

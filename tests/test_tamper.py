@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from masqd.nft import KernelBackend, NftError
+from masqd import ruleset
 from masqd.ruleset import CHAIN, FIXED_SETS
 from tests.conftest import DaemonFactory
+from tests.netns import nft
 from tests.test_resilience import without_handles
 
 pytestmark = pytest.mark.kernel
@@ -36,7 +38,9 @@ SETUPS = {
 _T = {"family": "inet", "table": TABLE}
 _TABLE = {"family": "inet", "name": TABLE}
 
-TAMPERING: dict[str, list[dict[str, Any]]] = {
+# A string is an nft script: `flags dormant` can only be set that way (nft 1.0.6's JSON
+# parser ignores table flags).
+TAMPERING: dict[str, list[dict[str, Any]] | str] = {
     "flush-every-chain": [{"flush": {"chain": {**_T, "name": CHAIN}}}],
     "flush-every-set": [
         {"flush": {"set": {**_T, "name": name}}} for name in (*FIXED_SETS, "local4_24", "local6_64")
@@ -49,6 +53,8 @@ TAMPERING: dict[str, list[dict[str, Any]]] = {
         {"delete": {"element": {**_T, "name": "sources4", "elem": ["198.18.50.3"]}}}
     ],
     "stray-element": [{"add": {"element": {**_T, "name": "sources4", "elem": ["198.18.77.7"]}}}],
+    "dormant-table": f"add table inet {TABLE} {{ flags dormant; }}",
+    "chain-policy-drop": [{"add": {"chain": {**ruleset.chain_spec(TABLE), "policy": "drop"}}}],
 }
 
 _times: dict[str, float] = {}
@@ -81,14 +87,17 @@ async def _listing(outsider: KernelBackend) -> tuple[list[str], list[str]] | Non
     return without_handles(objects)
 
 
-async def _tamper_and_time(ns: str, commands: list[dict[str, Any]]) -> tuple[float, int]:
+async def _tamper_and_time(ns: str, commands: list[dict[str, Any]] | str) -> tuple[float, int]:
     """Commit `commands` from outside the daemon; seconds until the table is back, and the
     number of listings it took."""
     outsider = KernelBackend(table=TABLE, netns=f"/var/run/netns/{ns}")
     try:
         before = await _listing(outsider)
         assert before is not None
-        await outsider.run_json({"nftables": commands})
+        if isinstance(commands, str):
+            nft(ns, "-f", "-", input=commands)
+        else:
+            await outsider.run_json({"nftables": commands})
         tampered = time.monotonic()
         # The repair may beat even the first listing; the daemon's drift counter (checked by
         # the caller) proves that the tampering took effect.
