@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from masqd.nft import KernelBackend, NftError
 from masqd import ruleset
+from masqd.nft import KernelBackend, NftError
 from masqd.ruleset import CHAIN, FIXED_SETS
 from tests.conftest import DaemonFactory
 from tests.netns import nft
