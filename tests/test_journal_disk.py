@@ -14,6 +14,7 @@ import contextlib
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def test_a_full_disk_mid_append_loses_no_delete() -> None:
     with (
         tiny_tmpfs() as fs,
         running_masqd(
-            resync_interval=3600, extra_args=["--state-dir", str(fs / "state")]
+            resync_interval=3600,
+            extra_args=["--state-dir", str(fs / "state"), "--apply-timeout", "60"],
         ) as daemon,
     ):
         client = daemon.client
@@ -90,8 +92,11 @@ def test_a_full_disk_mid_append_loses_no_delete() -> None:
         size = journal.stat().st_size
         filler = fill(fs)
 
+        started = time.monotonic()
         resp = client.delete_attachment("net", LONG_ID, "eth0")
         assert resp.status == 503 and resp.is_json_error(), resp.body
+        # Answered when the append failed, not when the 60 s apply timeout ran out.
+        assert time.monotonic() - started < 30
         assert "journal error" in resp.json["error"], resp.json
         assert "No space left on device" in resp.json["error"]
         # The part of the record that fit was cut back off: whole records only.
