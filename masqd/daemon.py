@@ -147,6 +147,13 @@ class Daemon:
             log.error("cannot list table inet %s to adopt it: %s", self.config.table, exc)
             return
         if observation.table.structure is None:
+            if self.journal_found:
+                log.warning(
+                    "journal not proven complete (%s), and table inet %s is not in the kernel: "
+                    "nothing to adopt, starting from what the journal holds",
+                    self.journal_incomplete,
+                    self.config.table,
+                )
             return
         found = adopt.adopt(observation.table)
         unreadable = list(found.unreadable)
