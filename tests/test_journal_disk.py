@@ -159,3 +159,19 @@ def test_a_journal_cut_short_does_not_empty_the_table(
         line for line in daemon.log_path.read_text().splitlines() if "not proven complete" in line
     ]
     assert len(warnings) == 1, warnings
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "kill"])
+def test_a_journal_as_the_daemon_leaves_it_is_trusted(
+    daemon_factory: DaemonFactory, sig: signal.Signals
+) -> None:
+    """No adoption, no warning after an ordinary stop or a crash: the journal proves itself."""
+    daemon = daemon_factory()
+    for cid, ip in SETUPS.items():
+        assert daemon.client.put_attachment("net", cid, "eth0", [ip]).status == 200
+    daemon.kill(sig)
+    daemon.start()
+    status = daemon.status()
+    assert status["journal_incomplete"] is None and status["adopted"] is None
+    assert len(daemon.client.attachments()) == len(SETUPS)
+    assert "not proven complete" not in daemon.log_path.read_text()
