@@ -1,9 +1,11 @@
 """The composition root: build the parts, run them, stop them in order.
 
 Start-up, in order:
-1. load the journal into the desired state (problems are reported, never fatal); when there
-   is no journal, or it had problems, while the table is in the kernel, adopt the attachments
-   the table's element comments name (`adopt`) rather than wipe what it holds;
+0. lock the state directory (`statedir`): a second daemon on it refuses to start;
+1. load the journal into the desired state (problems are reported, never fatal); unless the
+   journal proves it is complete (see `journal`), while the table is in the kernel, adopt
+   the attachments the table's element comments name and the journal does not (`adopt`)
+   rather than wipe what it holds;
 2. apply DELs that the CNI plugin spooled while the daemon was away;
 3. open the API socket (the one systemd passed, or our own), so requests queue meanwhile;
 4. run the first full sync: it lists the table and changes only what differs, so a restart
@@ -59,6 +61,7 @@ from masqd.ruleset import Policy
 from masqd.sdnotify import Notifier, watchdog_loop
 from masqd.server import LimitedSockSite
 from masqd.state import CapacityExceeded, DesiredState
+from masqd.statedir import StateDirBusy, StateDirLock
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class Daemon:
         self.loader = loader  # re-reads the config file on SIGHUP
         self.metrics = metrics or Metrics()
         self.journal = Journal(Path(config.state_dir))
+        self.lock = StateDirLock(Path(config.state_dir))
         self.state = DesiredState(journal=self.journal, max_attachments=config.max_attachments)
         self.backend = backend or KernelBackend(table=config.table, runner=config.nft_runner)
         self.reconciler = Reconciler(
@@ -94,6 +98,7 @@ class Daemon:
         self.spool_dir = spool.spool_dir_for(config.socket)
         self.journal_problems: list[str] = []
         self.journal_found = False
+        self.journal_incomplete: str | None = "not loaded"  # why it is not proven complete
         self.adopted: dict[str, int] | None = None
         self.events: EventWatcher | None = None
         self.metrics_address: str | None = None
@@ -119,8 +124,9 @@ class Daemon:
             self.journal.stream(loaded), at_last_marker=self._seed_from_marker
         )
         self.journal_found = loaded.found
-        if loaded.problems:
-            # A journal with unreadable lines does not say what the kernel held: list it.
+        self.journal_incomplete = None if loaded.complete else loaded.incomplete
+        if not loaded.complete:
+            # A journal that may miss records does not say what the kernel held: list it.
             self.reconciler.forget_mirror()
         loaded.problems += problems
         for problem in loaded.problems:
@@ -141,13 +147,24 @@ class Daemon:
             log.error("cannot list table inet %s to adopt it: %s", self.config.table, exc)
             return
         if observation.table.structure is None:
+            if self.journal_found:
+                log.warning(
+                    "journal not proven complete (%s), and table inet %s is not in the kernel: "
+                    "nothing to adopt, starting from what the journal holds",
+                    self.journal_incomplete,
+                    self.config.table,
+                )
             return
         found = adopt.adopt(observation.table)
         unreadable = list(found.unreadable)
         taken = 0
+        # The journal speaks for every key it names, deleted ones included: the last record
+        # readable for a key wins over the table (a delete journalled but not yet applied
+        # when the daemon died must not come back). Only keys it never names are adopted.
+        deleted, self.state.replayed_deletes = self.state.replayed_deletes, set()
         for key, ips in found.attachments.items():
-            if self.state.get(key) is not None:
-                continue  # the journal speaks for it
+            if self.state.get(key) is not None or key in deleted:
+                continue
             try:
                 self.state.put(key, ips)
             except CapacityExceeded:
@@ -156,9 +173,11 @@ class Daemon:
             taken += 1
         self.adopted = {"attachments": taken, "unreadable": len(unreadable)}
         log.warning(
-            "%s, but table inet %s is in the kernel: adopted %d attachments from its element "
-            "comments; %d elements unreadable (they will be removed)",
-            "journal had problems" if self.journal_found else "no journal",
+            "%s, but table inet %s is in the kernel: adopted %d attachments the journal does "
+            "not name from its element comments; %d elements unreadable (they will be removed)",
+            f"journal not proven complete ({self.journal_incomplete})"
+            if self.journal_found
+            else "no journal",
             self.config.table,
             taken,
             len(unreadable),
@@ -257,6 +276,7 @@ class Daemon:
     def extra_status(self) -> dict[str, Any]:
         return {
             "journal_problems": self.journal_problems[:20],
+            "journal_incomplete": self.journal_incomplete,
             "adopted": self.adopted,
             "events": self.events.status() if self.events else {"subscribed": False},
             "metrics_address": self.metrics_address,
@@ -266,6 +286,15 @@ class Daemon:
 
     async def run(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
+        # Before anything reads the journal or opens the socket: a second daemon on this
+        # state directory stops here (StateDirBusy), having changed nothing.
+        self.lock.acquire()
+        try:
+            await self._run_locked()
+        finally:
+            self.lock.release()
+
+    async def _run_locked(self) -> None:
         tune_allocator()
         # Replaying 100,000 attachments allocates a million long-lived objects: collecting
         # while they are made cost half the load time, and freezing them afterwards keeps
@@ -277,8 +306,9 @@ class Daemon:
             gc.enable()
             gc.freeze()
             release_heap()
-        if not self.journal_found or self.journal_problems:
+        if self.journal_incomplete is not None:
             await self.adopt_kernel_table()
+        self.state.replayed_deletes = set()
         self.prepare_spool_dir()
         spooled = self.apply_spool()
         loop = asyncio.get_running_loop()
@@ -492,8 +522,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         loader.path,
         "" if os.path.exists(loader.path) else ", absent",
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Daemon(config, loader=loader).run())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(Daemon(config, loader=loader).run())
+    except StateDirBusy as exc:
+        log.error("%s", exc)
+        logging.shutdown()
+        sys.exit(1)
     # Everything is closed and on disk. Skip the interpreter's teardown: freeing a few million
     # objects one by one (and a last collection over those made since start-up) took 1.4 s
     # at 100,000 attachments, during which a restart's requests wait on the socket.

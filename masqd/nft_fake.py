@@ -47,6 +47,7 @@ EBUSY = "Error: Could not process rule: Device or resource busy"
 OVERLAP = "Error: interval overlaps with an existing one"
 NO_ELEMENT = "Error: element does not exist"
 FAILURE = "Error: Could not process rule: Operation not permitted"  # what fail_next raises
+EOPNOTSUPP = "Error: Could not process rule: Operation not supported"
 
 
 @dataclass
@@ -69,11 +70,13 @@ class _Chain:
 class _Table:
     sets: dict[str, _Set] = field(default_factory=dict)
     chains: dict[str, _Chain] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()  # "dormant": no chain of the table is hooked
 
     def copy(self) -> _Table:
         return _Table(
             {n: _Set(s.type, s.flags, list(s.elements), list(s.raw)) for n, s in self.sets.items()},
             {n: _Chain(dict(c.spec), list(c.rules)) for n, c in self.chains.items()},
+            self.flags,
         )
 
 
@@ -169,7 +172,7 @@ class FakeBackend:
         if spec.get("family", "inet") != "inet":
             raise NftError(f"Error: the fake knows only family inet, got {spec.get('family')!r}")
         if kind == "table":
-            return self._table_cmd(work, verb, spec["name"])
+            return self._table_cmd(work, verb, spec["name"], _flags(spec.get("flags")))
         name = spec.get("table")
         table = work.get(name) if isinstance(name, str) else None
         if table is None:
@@ -190,11 +193,18 @@ class FakeBackend:
             raise NftError(f"Error: the fake does not implement {verb} {kind}")
         return handler(table, spec)
 
-    def _table_cmd(self, work: dict[str, _Table], verb: str, name: str) -> bool:
+    def _table_cmd(
+        self, work: dict[str, _Table], verb: str, name: str, flags: tuple[str, ...] = ()
+    ) -> bool:
         if verb == "add":
+            # As the kernel does, `add` of a table that exists sets its flags to the ones given
+            # (none when none are: that is how a dormant table wakes up).
             if name in work:
-                return False
-            work[name] = _Table()
+                if work[name].flags == flags:
+                    return False
+                work[name].flags = flags
+                return True
+            work[name] = _Table(flags=flags)
             return True
         if verb == "delete":
             if name not in work:
@@ -235,7 +245,13 @@ class FakeBackend:
     @staticmethod
     def _add_chain(table: _Table, spec: dict[str, Any]) -> bool:
         name = spec["name"]
-        if name in table.chains:
+        current = table.chains.get(name)
+        if current is not None:
+            hooked = {k: spec[k] for k in ("type", "hook", "prio") if k in spec}
+            if any(current.spec.get(k) != v for k, v in hooked.items()):
+                raise NftError(f"{EOPNOTSUPP} (chain {name} exists with another hook)")
+            if "policy" in spec:
+                current.spec["policy"] = spec["policy"]
             return True  # the kernel queues a chain update all the same
         table.chains[name] = _Chain(
             {k: spec[k] for k in ("type", "hook", "prio", "policy") if k in spec}
@@ -324,7 +340,10 @@ class FakeBackend:
         table = self._tables.get(self.table)
         if table is None:
             return []
-        out: list[dict[str, Any]] = [{"table": {"family": "inet", "name": self.table}}]
+        head: dict[str, Any] = {"family": "inet", "name": self.table}
+        if table.flags:
+            head["flags"] = list(table.flags)
+        out: list[dict[str, Any]] = [{"table": head}]
         for name, s in table.sets.items():
             spec: dict[str, Any] = {
                 "family": "inet",
@@ -408,6 +427,15 @@ class FakeBackend:
     def add_chain(self, name: str) -> None:
         self._tamper({"add": {"chain": {"family": "inet", "table": self.table, "name": name}}})
 
+    def set_table_flags(self, *flags: str) -> None:
+        """`nft add table inet <table> '{ flags dormant; }'`."""
+        self._tamper({"add": {"table": ruleset.table_ref(self.table) | {"flags": list(flags)}}})
+
+    def set_chain_policy(self, policy: str, chain: str = ruleset.CHAIN) -> None:
+        """`nft add chain inet <table> <chain> '{ policy drop; }'`."""
+        spec = {"family": "inet", "table": self.table, "name": chain, "policy": policy}
+        self._tamper({"add": {"chain": spec}})
+
 
 # ---- element semantics --------------------------------------------------------------------
 #
@@ -470,6 +498,12 @@ def _delete_element(set_name: str, s: _Set, value: Any) -> None:
 # ---- dumps ----------------------------------------------------------------------------------
 
 
+def _flags(listed: Any) -> tuple[str, ...]:
+    if listed is None:
+        return ()
+    return tuple(listed) if isinstance(listed, list) else (str(listed),)
+
+
 def dump_table(state: TableState) -> str:
     """A table as sorted text, one object per line, for comparisons in tests.
 
@@ -478,6 +512,8 @@ def dump_table(state: TableState) -> str:
     if state.structure is None:
         return "(no table)"
     lines: list[str] = []
+    if state.structure.table_flags:
+        lines.append(f"table flags {','.join(state.structure.table_flags)}")
     for name, kind, flags in sorted(state.structure.sets):
         lines.append(f"set {name} type {kind} flags {','.join(flags) or '-'}")
     for chain in sorted(state.structure.chains, key=repr):

@@ -205,6 +205,8 @@ class Transaction:
 
     `local_sets`: the local sets of the desired table, in chain order (they shape the rules).
     `recreate`: replace the table whole (structure first, then `add` holds every element).
+    `clear_table_flags`: the table has flags (`dormant`): `add table` without flags clears
+    them (the kernel takes a missing flags attribute as none), first.
     `add_sets`: local sets to create, first.
     `rewrite_rules`: flush the chain and add its rules again.
     `delete`/`add`: element changes per set, deletes applied before adds.
@@ -216,6 +218,7 @@ class Transaction:
     policy: Policy
     local_sets: tuple[str, ...] = ()
     recreate: bool = False
+    clear_table_flags: bool = False
     add_sets: tuple[str, ...] = ()
     rewrite_rules: bool = False
     delete: Mapping[str, tuple[Element, ...]] = field(default_factory=dict)
@@ -226,6 +229,7 @@ class Transaction:
     def empty(self) -> bool:
         return not (
             self.recreate
+            or self.clear_table_flags
             or self.add_sets
             or self.rewrite_rules
             or self.delete_sets
@@ -312,6 +316,8 @@ class Transaction:
             cmds.append({"add": {"table": ruleset.table_ref(t)}})
             cmds.extend(ruleset.structure_commands(t, self.policy, self.local_sets))
         else:
+            if self.clear_table_flags:
+                cmds.append({"add": {"table": ruleset.table_ref(t)}})
             cmds.extend({"add": {"set": ruleset.set_spec(t, name)}} for name in self.add_sets)
             if self.rewrite_rules:
                 chain = {"family": "inet", "table": t, "name": ruleset.CHAIN}
@@ -355,6 +361,8 @@ class Transaction:
                 f"# ... sets, chain {ruleset.CHAIN} and its rules as designed",
             ]
         else:
+            if self.clear_table_flags:
+                lines.append(f"add table inet {t}  # clears its flags (dormant: no hook runs)")
             for name in self.add_sets:
                 kind, _ = ruleset.set_type(name)
                 lines.append(f"add set inet {t} {name} {{ type {' . '.join(kind)}; }}")
@@ -433,6 +441,7 @@ def plan(
         table,
         policy,
         local_sets,
+        clear_table_flags=observed.structure.table_flags != desired.structure.table_flags,
         add_sets=add_sets,
         rewrite_rules=rewrite_rules,
         delete=delete,
@@ -469,13 +478,16 @@ def apply_in_place(tx: Transaction, state: TableState, *, desired_structure: Str
     if tx.recreate:
         state.structure = desired_structure
         state.sets = {entry[0]: {} for entry in desired_structure.sets}
-    elif tx.add_sets or tx.delete_sets or tx.rewrite_rules:
+    elif tx.add_sets or tx.delete_sets or tx.rewrite_rules or tx.clear_table_flags:
         assert state.structure is not None
         gone = set(tx.delete_sets)
         sets = {e for e in state.structure.sets if e[0] not in gone}
         sets.update(set_entry(name) for name in tx.add_sets)
         rules = desired_structure.rules if tx.rewrite_rules else state.structure.rules
-        state.structure = Structure(frozenset(sets), state.structure.chains, rules)
+        flags = (
+            desired_structure.table_flags if tx.clear_table_flags else state.structure.table_flags
+        )
+        state.structure = Structure(frozenset(sets), state.structure.chains, rules, flags)
         for name in tx.delete_sets:
             state.sets.pop(name, None)
         for name in tx.add_sets:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from masqd import plan, ruleset
-from masqd.journal import Journal
+from masqd.journal import Journal, JournalError
 from masqd.metrics import Metrics
 from masqd.nft import Applied, Backend, NftError
 from masqd.ruleset import Policy, TableState
@@ -135,6 +135,7 @@ class Reconciler:
         self._sync_started: float | None = None
         self._taken = _Taken(-1, set(), [])
         self._last_journal_write = 0.0  # seconds the last journal append took
+        self._journal_failed = False  # the last sync failed writing the journal
         self._applied_version = -1
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._next_resync = 0.0
@@ -228,6 +229,8 @@ class Reconciler:
             await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             reason = self.stats.last_error or "the reconciler is busy"
+            if self._journal_failed:
+                raise SyncUnavailable(f"journal error: {reason}") from None
             raise SyncUnavailable(
                 f"not confirmed in the kernel within {timeout:g}s: {reason}"
             ) from None
@@ -475,12 +478,23 @@ class Reconciler:
         if journal.needs_compaction(len(self.state), overdue=not quiet):
             records = [(k, tuple(r.cidrs())) for k, r in self.state.items()]
             marker_true = marker_true and quiet
-            await asyncio.to_thread(journal.compact, records)
+            try:
+                await asyncio.to_thread(journal.compact, records)
+            except OSError as exc:
+                # The old snapshot and journal still hold everything: only slower replays.
+                log.error("journal compaction failed, the journal keeps growing: %s", exc)
+                return
         if marker_true and self._known_generation is not None:
-            journal.write_marker(self._known_generation, self._fingerprint)
+            try:
+                journal.write_marker(self._known_generation, self._fingerprint)
+            except JournalError as exc:
+                # The kernel has the changes already; a missing marker costs the next
+                # start-up a listing of the table, no more.
+                log.warning("journal: sync marker not written: %s", exc)
 
     def _on_success(self, version: int) -> None:
         s = self.stats
+        self._journal_failed = False
         s.last_result, s.last_error = "ok", None
         s.last_ok_time = self._wall()
         self._consecutive_failures = 0
@@ -515,12 +529,21 @@ class Reconciler:
         s = self.stats
         s.failures += 1
         s.last_result = "error"
-        s.last_error = str(exc) if isinstance(exc, (NftError, OSError)) else repr(exc)
+        s.last_error = str(exc) if isinstance(exc, (NftError, OSError, JournalError)) else repr(exc)
         self.metrics.sync_failures.inc()
         self.state.restore_dirty(dirty)
         if pending and self.journal is not None:
             # Not written: put the records back in front of anything newer.
             self.journal.requeue(pending)
+        self._journal_failed = isinstance(exc, JournalError)
+        if self._journal_failed:
+            # Nothing reached the kernel, and the journal may stay full for long: say so to
+            # everyone waiting now rather than after their timeout. The changes stay desired
+            # and are retried; a client's retry waits for them to be durable.
+            failure = SyncUnavailable(f"journal error: {s.last_error}")
+            for _, future in self._waiters:
+                if not future.done():
+                    future.set_exception(failure)
         self._full_needed, self._full_reason = True, "retry"
         if partial and self._consecutive_failures == 0:
             # Most likely a stale mirror: go again at once, but with a full sync.
@@ -532,7 +555,8 @@ class Reconciler:
         self._consecutive_failures += 1
         delay = min(RETRY_MAX, RETRY_MIN * 2 ** (self._consecutive_failures - 1))
         self._retry_at = asyncio.get_running_loop().time() + delay
-        logger = log.exception if not isinstance(exc, (NftError, OSError)) else log.error
+        expected = isinstance(exc, (NftError, OSError, JournalError))
+        logger = log.error if expected else log.exception
         logger(
             "%s sync failed (attempt %d), retrying in %.1fs: %s",
             kind,

@@ -150,8 +150,12 @@ class Structure:
     kernel objects are interchangeable."""
 
     sets: frozenset[tuple[str, str, tuple[str, ...]]]
+    # (name, type, hook, priority, policy) of each chain
     chains: frozenset[tuple[str, str | None, str | None, int | None, str | None]]
     rules: tuple[str, ...]  # canonical JSON of each rule's expressions, in chain order
+    # The table's flags as listed; ours has none. `dormant` unhooks every chain: masquerade
+    # stops while every set and rule still looks right.
+    table_flags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -453,9 +457,18 @@ def parse_table(table: str, listing: list[dict[str, Any]]) -> TableState:
     rules: list[str] = []
     elements: dict[str, dict[str, Element]] = {s: {} for s in FIXED_SETS}
     found = False
+    table_flags: tuple[str, ...] = ()
     for obj in listing:
         if "table" in obj:
-            found = found or obj["table"].get("name") == table
+            if obj["table"].get("name") == table:
+                found = True
+                # nft 1.0.6 lists a flagged table's flags wrong (libnftables writes the
+                # table's name, `nft -j` cuts the JSON short there), so only their presence
+                # is trusted: any flag at all differs from ours, which has none.
+                listed = obj["table"].get("flags")
+                if listed is not None and listed != []:
+                    values = listed if isinstance(listed, list) else [listed]
+                    table_flags = tuple(str(v) for v in values)
         elif "set" in obj or "map" in obj:
             spec = obj.get("set") or obj["map"]
             kind = "map" if "map" in obj else "set"
@@ -495,4 +508,5 @@ def parse_table(table: str, listing: list[dict[str, Any]]) -> TableState:
             sets.add((f"other:{canonical(obj)}", "", ()))
     if not found:
         return TableState(None)
-    return TableState(Structure(frozenset(sets), frozenset(chains), tuple(rules)), elements)
+    structure = Structure(frozenset(sets), frozenset(chains), tuple(rules), table_flags)
+    return TableState(structure, elements)

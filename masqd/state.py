@@ -51,6 +51,9 @@ class DesiredState:
         self.max_attachments = max_attachments
         self._seq = 0
         self._journal = journal
+        # Keys whose last journal record replayed is a delete: adoption must not bring them
+        # back from the table (see `daemon.Daemon.adopt_kernel_table`).
+        self.replayed_deletes: set[AttachmentKeyT] = set()
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -142,8 +145,10 @@ class DesiredState:
             try:
                 if entry.op == "put":
                     self.load(entry.key, entry.ips)
+                    self.replayed_deletes.discard(entry.key)
                 else:
                     self.unload(entry.key)
+                    self.replayed_deletes.add(entry.key)
             except ValueError as exc:
                 problems.append(f"journal record for {entry.key}: {exc}; skipped")
         return problems

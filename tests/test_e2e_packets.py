@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.daemon import Client, MasqdProcess, running_masqd
-from tests.netns import Topology, probe, start_echo_server, topology
+from tests.netns import Topology, nft, probe, start_echo_server, topology
 
 pytestmark = pytest.mark.kernel
 
@@ -165,3 +165,23 @@ def test_masquerade_continues_while_the_daemon_is_stopped(
     finally:
         daemon.start()
     assert seen_from(topo, 1) == (HOST4, HOST6)
+
+
+def test_a_dormant_table_is_woken_and_masquerade_resumes(
+    world: tuple[Topology, MasqdProcess], net: tuple[Topology, Client]
+) -> None:
+    """`flags dormant` unhooks the chain while every set and rule stays: the daemon must see
+    it as drift, count it, and clear the flag, so new connections are masqueraded again."""
+    topo, daemon = world
+    _, client = net
+    assert client.put_attachment("net1", "c1", "eth0", container_ips(topo, 1)).status == 200
+    assert seen_from(topo, 1) == (HOST4, HOST6)
+    repairs = daemon.status()["syncs"]["drift_repairs"]
+    nft(topo.host, "add", "table", "inet", "masqd", "{ flags dormant; }")
+    deadline = time.monotonic() + 10
+    while daemon.status()["syncs"]["drift_repairs"] == repairs:
+        assert time.monotonic() < deadline, "the dormant table was not repaired within 10 s"
+        time.sleep(0.01)
+    assert "dormant" not in nft(topo.host, "list", "table", "inet", "masqd").stdout
+    assert seen_from(topo, 1) == (HOST4, HOST6)
+    assert daemon.status()["ready"] is True

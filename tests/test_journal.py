@@ -110,8 +110,10 @@ def test_a_corrupted_middle_line_is_skipped_and_reported(tmp_path: Path) -> None
 def test_well_formed_lines_with_bad_records_are_skipped(tmp_path: Path, payload: object) -> None:
     journal = Journal(tmp_path)
     journal.record_put(A, ["198.18.1.2/24"])
-    journal.write_pending([*journal.take_pending(), _line(payload)])
+    write(journal)
     journal.close()
+    with journal.journal_path.open("ab") as out:
+        out.write(_line(payload))
     loaded = Journal(tmp_path).load()
     assert [e.key for e in loaded.entries] == [A]
     assert len(loaded.problems) == 1
@@ -248,3 +250,168 @@ def test_streaming_in_chunks_flags_the_last_readable_marker(
     )
     assert seen == [(8, {A, B, C})]
     assert set(state.attachments) == {A, C}
+
+
+# ---- completeness (issue 10, item 7) ----------------------------------------------------
+
+
+def history(directory: Path) -> Journal:
+    """Three batches with sync markers between them, as a running daemon leaves them."""
+    journal = Journal(directory)
+    for index, key in enumerate((A, B, C)):
+        journal.record_put(key, [f"198.18.1.{index + 2}/24"])
+        write(journal)
+        journal.write_marker(index + 1, "fp")
+    journal.close()
+    return journal
+
+
+def test_a_journal_as_the_daemon_leaves_it_is_complete(tmp_path: Path) -> None:
+    history(tmp_path)
+    loaded = Journal(tmp_path).load()
+    assert loaded.complete, loaded.incomplete
+    assert [e.seq for e in loaded.entries] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_zero_byte_journal_is_not_complete(tmp_path: Path) -> None:
+    (tmp_path / "attachments.journal").write_bytes(b"")
+    loaded = Journal(tmp_path).load()
+    assert loaded.found and not loaded.complete and "empty" in loaded.incomplete
+
+
+def test_a_journal_emptied_after_writes_is_not_complete(tmp_path: Path) -> None:
+    history(tmp_path).journal_path.write_bytes(b"")
+    loaded = Journal(tmp_path).load()
+    assert not loaded.complete and "record 6 was written" in loaded.incomplete
+
+
+@pytest.mark.parametrize("keep", [1, 2, 4])
+def test_a_journal_cut_at_a_line_boundary_is_not_complete(tmp_path: Path, keep: int) -> None:
+    """Cut right after a record or right after an earlier marker: every line that is left
+    reads, but the end file says more was written."""
+    path = history(tmp_path).journal_path
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:keep]))
+    loaded = Journal(tmp_path).load()
+    assert loaded.problems == [] and not loaded.complete
+    assert "record 6 was written" in loaded.incomplete
+
+
+def test_a_journal_missing_lines_in_the_middle_is_not_complete(tmp_path: Path) -> None:
+    path = history(tmp_path).journal_path
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2] + lines[4:]))
+    loaded = Journal(tmp_path).load()
+    assert loaded.problems == [] and not loaded.complete
+    assert loaded.incomplete == "records 3 to 4 are missing"
+
+
+def test_a_journal_cut_mid_record_is_not_complete(tmp_path: Path) -> None:
+    path = history(tmp_path).journal_path
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    loaded = Journal(tmp_path).load()
+    assert not loaded.complete
+
+
+def test_numbering_goes_on_across_restarts_and_compaction(tmp_path: Path) -> None:
+    history(tmp_path)
+    journal = Journal(tmp_path)
+    state = DesiredState(journal=journal)
+    assert state.replay(journal.stream(journal_module.Loaded())) == []
+    journal.compact((k, tuple(r.cidrs())) for k, r in state.items())
+    loaded = Journal(tmp_path).load()
+    assert loaded.complete, loaded.incomplete  # a snapshot and an empty journal
+    state.delete(A)
+    write(journal)
+    journal.close()
+    loaded = Journal(tmp_path).load()
+    assert loaded.complete, loaded.incomplete
+    assert [e.seq for e in loaded.entries if e.seq is not None] == [7]
+
+
+def test_a_snapshot_missing_records_is_not_complete(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.compact([(A, ("198.18.1.2/24",)), (B, ("198.18.1.3/24",))])
+    journal.close()
+    lines = journal.snapshot_path.read_bytes().splitlines(keepends=True)
+    journal.snapshot_path.write_bytes(b"".join(lines[:2]))
+    loaded = Journal(tmp_path).load()
+    assert not loaded.complete and "1 of its 2" in loaded.incomplete
+
+
+def test_an_older_journal_is_complete_when_it_ends_with_a_marker(tmp_path: Path) -> None:
+    """Written before sequence numbers: no `n`, no end file. Trusted as before when it ends
+    the way a sync leaves it; the first append numbers on from 1."""
+    path = tmp_path / "attachments.journal"
+    put = _line({"op": "put", "k": list(A), "ips": ["198.18.1.2/24"]})
+    marker = _line({"op": "synced", "gen": 3, "fp": "fp"})
+    path.write_bytes(put + marker)
+    assert Journal(tmp_path).load().complete
+    path.write_bytes(put)
+    loaded = Journal(tmp_path).load()
+    assert not loaded.complete and "older masqd" in loaded.incomplete
+    path.write_bytes(put + marker)
+    journal = Journal(tmp_path)
+    assert journal.load().complete
+    journal.record_delete(A)
+    write(journal)
+    journal.write_marker(4, "fp")
+    journal.close()
+    loaded = Journal(tmp_path).load()
+    assert loaded.complete, loaded.incomplete
+    assert [e.seq for e in loaded.entries] == [None, None, 1, 2]
+
+
+# ---- a failed append (issue 10, item 6) -------------------------------------------------
+
+
+def test_a_failed_append_is_cut_back_before_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC partway through an append: the half written is cut off, and the retried records
+    follow the last whole one, so replay reads every record."""
+    journal = Journal(tmp_path)
+    journal.record_put(A, ["198.18.1.2/24"])
+    write(journal)
+    real_write = os.write
+
+    def half_then_enospc(fd: int, data: bytes | memoryview) -> int:
+        if len(data) > 20:
+            return real_write(fd, bytes(data[:20]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_enospc)
+    journal.record_delete(A)
+    journal.record_put(B, ["198.18.1.3/24"])
+    failed = journal.take_pending()
+    with pytest.raises(journal_module.JournalError, match="No space left"):
+        journal.write_pending(failed)
+    monkeypatch.undo()
+    assert journal.journal_path.read_bytes().count(b"\n") == 1  # the half record is gone
+    journal.requeue(failed)
+    write(journal)
+    journal.close()
+    loaded = Journal(tmp_path).load()
+    assert loaded.problems == [] and loaded.complete
+    assert [(e.op, e.key, e.seq) for e in loaded.entries] == [
+        ("put", A, 1),
+        ("del", A, 2),
+        ("put", B, 3),
+    ]
+
+
+def test_a_torn_tail_left_by_a_crash_is_cut_before_appending(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.record_put(A, ["198.18.1.2/24"])
+    journal.record_put(B, ["198.18.1.3/24"])
+    write(journal)
+    journal.close()
+    data = journal.journal_path.read_bytes()
+    journal.journal_path.write_bytes(data[: len(data) - 7])
+    journal = Journal(tmp_path)
+    assert len(journal.load().problems) == 1
+    journal.record_put(C, ["198.18.2.2/24"])
+    write(journal)
+    journal.close()
+    loaded = Journal(tmp_path).load()
+    assert loaded.problems == [] and [e.key for e in loaded.entries] == [A, C]

@@ -214,6 +214,7 @@ TAMPERS: dict[str, list[dict[str, Any]]] = {
         {"add": {"set": {**ruleset.set_spec(TABLE, "local4_8"), "flags": ["interval"]}}}
     ],
     "delete table": [{"delete": {"table": ruleset.table_ref(TABLE)}}],
+    "chain policy drop": [{"add": {"chain": {**ruleset.chain_spec(TABLE), "policy": "drop"}}}],
 }
 
 
@@ -227,10 +228,42 @@ async def test_a_full_sync_repairs_tampering(harness: Harness, tamper: str) -> N
     tx = await sync(harness, state)
     assert not tx.empty
     # Damage to sets or chains takes a new table; damage to rules or elements does not.
-    recreate = ("add chain", "add set", "add look-alike local set", "delete table")
+    recreate = (
+        "add chain",
+        "add set",
+        "add look-alike local set",
+        "delete table",
+        "chain policy drop",
+    )
     assert tx.recreate == (tamper in recreate)
     assert tx.delete_sets == (("local4_8",) if tamper == "add unused local set" else ())
     assert harness.dump() == good
+    assert (await sync(harness, state)).empty
+
+
+async def test_a_full_sync_wakes_a_dormant_table(harness: Harness) -> None:
+    """`flags dormant` unhooks the chain while every set and rule looks right: the flags are
+    observed, and `add table` without flags clears them, nothing else touched."""
+    if harness.kind == "kernel-cli":
+        pytest.skip("nft 1.0.6 -j cuts its listing short at a flagged table's flags")
+    state = two_attachments()
+    await sync(harness, state)
+    good = dump_table((await harness.backend.observe()).table)
+    if isinstance(harness.backend, FakeBackend):
+        harness.backend.set_table_flags("dormant")
+    else:
+        assert harness.ns is not None
+        nft(harness.ns, "add", "table", "inet", TABLE, "{ flags dormant; }")
+        assert "flags dormant" in nft(harness.ns, "list", "table", "inet", TABLE).stdout
+    observed = (await harness.backend.observe()).table
+    assert observed.structure is not None and observed.structure.table_flags
+    tx = await sync(harness, state)
+    assert tx.clear_table_flags and not tx.recreate and tx.element_changes == 0
+    after = (await harness.backend.observe()).table
+    assert after.structure is not None and after.structure.table_flags == ()
+    assert dump_table(after) == good
+    if harness.ns is not None:
+        assert "dormant" not in nft(harness.ns, "list", "table", "inet", TABLE).stdout
     assert (await sync(harness, state)).empty
 
 

@@ -102,6 +102,8 @@ def damaged(draw: st.DrawFn, table: TableState) -> TableState:
                 "local set type",
                 "unused local set",
                 "missing local set",
+                "dormant",
+                "chain policy",
                 "elements",
             ]
         )
@@ -122,6 +124,11 @@ def damaged(draw: st.DrawFn, table: TableState) -> TableState:
         out.structure = Structure(s.sets | {("foreign", '"ipv4_addr"', ())}, s.chains, s.rules)
     elif kind == "chain":
         chains = frozenset({(ruleset.CHAIN, "nat", "postrouting", 99, "accept")})
+        out.structure = Structure(s.sets, chains, s.rules)
+    elif kind == "dormant":
+        out.structure = dataclasses.replace(s, table_flags=("dormant",))
+    elif kind == "chain policy":
+        chains = frozenset({(ruleset.CHAIN, "nat", "postrouting", 100, "drop")})
         out.structure = Structure(s.sets, chains, s.rules)
     elif kind == "set type":
         sets = frozenset(x for x in s.sets if x[0] != SOURCES4) | {(SOURCES4, '"ipv6_addr"', ())}
@@ -494,6 +501,35 @@ def test_damaged_sets_or_chains_replace_the_table_in_one_batch() -> None:
     added = [c["add"]["element"] for c in commands if "element" in c.get("add", {})]
     assert {a["name"] for a in added} == {SOURCES4, L4_24}
     assert "add table inet masqd" in tx.to_script()
+
+
+def test_a_dormant_table_is_woken_by_add_table_first() -> None:
+    desired, policy = _table()
+    assert desired.structure is not None
+    observed = desired.copy()
+    observed.structure = dataclasses.replace(desired.structure, table_flags=("dormant",))
+    tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+    assert tx.clear_table_flags and not tx.recreate and not tx.rewrite_rules
+    assert not tx.empty and tx.element_changes == 0
+    assert tx.to_json()["nftables"] == [{"add": {"table": {"family": "inet", "name": TABLE}}}]
+    assert tx.to_script().startswith(f"add table inet {TABLE}")
+    assert same(plan.apply(tx, observed), desired)
+
+
+def test_a_chain_with_another_hook_priority_type_or_policy_replaces_the_table() -> None:
+    desired, policy = _table()
+    assert desired.structure is not None
+    chain = ruleset.CHAIN
+    for changed in (
+        (chain, "filter", "postrouting", 100, "accept"),
+        (chain, "nat", "output", 100, "accept"),
+        (chain, "nat", "postrouting", 99, "accept"),
+        (chain, "nat", "postrouting", 100, "drop"),
+    ):
+        observed = desired.copy()
+        observed.structure = dataclasses.replace(desired.structure, chains=frozenset({changed}))
+        tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+        assert tx.recreate, chain
 
 
 def test_deletes_go_before_adds_and_carry_no_comment() -> None:

@@ -237,8 +237,19 @@ async def test_a_stale_mirror_fails_the_partial_sync_and_a_full_sync_repairs(rig
         lambda b: b.flush_chain(),
         lambda b: b.drop_table(),
         lambda b: b.add_chain("foreign"),
+        lambda b: b.set_table_flags("dormant"),
+        lambda b: b.set_chain_policy("drop"),
     ],
-    ids=["flush set", "delete element", "add rule", "flush chain", "drop table", "add chain"],
+    ids=[
+        "flush set",
+        "delete element",
+        "add rule",
+        "flush chain",
+        "drop table",
+        "add chain",
+        "dormant table",
+        "chain policy drop",
+    ],
 )
 async def test_tampering_is_repaired_and_counted(
     rig: Rig, tamper: Callable[[FakeBackend], None]
@@ -252,6 +263,17 @@ async def test_tampering_is_repaired_and_counted(
         await eventually(lambda: rig.reconciler.stats.drift_repairs == 1)
         assert rig.sample("masqd_drift_repairs_total") == 1
         assert rig.reconciler.ready
+
+
+async def test_diff_shows_a_dormant_table(rig: Rig) -> None:
+    """What `masqctl diff` shows: the flags are a difference, cleared by `add table`."""
+    async with running(rig):
+        await rig.put(A, ["198.18.1.2/24"])
+        assert (await rig.reconciler.diff()).empty
+        rig.backend.set_table_flags("dormant")
+        tx = await rig.reconciler.diff()
+        assert tx.clear_table_flags and not tx.recreate and tx.element_changes == 0
+        assert tx.to_script().startswith("add table inet masqd")
 
 
 async def test_a_periodic_resync_repairs_what_nobody_announced(fake_backend: FakeBackend) -> None:

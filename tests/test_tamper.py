@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 
+from masqd import ruleset
 from masqd.nft import KernelBackend, NftError
 from masqd.ruleset import CHAIN, FIXED_SETS
 from tests.conftest import DaemonFactory
+from tests.netns import nft
 from tests.test_resilience import without_handles
 
 pytestmark = pytest.mark.kernel
@@ -39,7 +41,9 @@ SETUPS = {
 _T = {"family": "inet", "table": TABLE}
 _TABLE = {"family": "inet", "name": TABLE}
 
-TAMPERING: dict[str, list[dict[str, Any]]] = {
+# A string is an nft script: `flags dormant` can only be set that way (nft 1.0.6's JSON
+# parser ignores table flags).
+TAMPERING: dict[str, list[dict[str, Any]] | str] = {
     "flush-every-chain": [{"flush": {"chain": {**_T, "name": CHAIN}}}],
     "flush-every-set": [
         {"flush": {"set": {**_T, "name": name}}} for name in (*FIXED_SETS, "local4_24", "local6_64")
@@ -52,6 +56,8 @@ TAMPERING: dict[str, list[dict[str, Any]]] = {
         {"delete": {"element": {**_T, "name": "sources4", "elem": ["198.18.50.3"]}}}
     ],
     "stray-element": [{"add": {"element": {**_T, "name": "sources4", "elem": ["198.18.77.7"]}}}],
+    "dormant-table": f"nft 'add table inet {TABLE} {{ flags dormant; }}'",
+    "chain-policy-drop": [{"add": {"chain": {**ruleset.chain_spec(TABLE), "policy": "drop"}}}],
 }
 # Two `nft` processes one right after the other (issue 14): the first one's repair lists the
 # table, and the second commits between that listing and the repair's own commit. Timed from
