@@ -38,11 +38,13 @@ from masqd.migrate import AdoptionError, Migrator
 from masqd.models import (
     Attachment,
     AttachmentKey,
+    AttachmentRef,
     AttachmentSpec,
     ErrorBody,
     GcRequest,
     GcResult,
     NetworkName,
+    comment_problem,
     validation_details,
 )
 from masqd.nft import NftError
@@ -148,12 +150,18 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _key(request: web.Request) -> AttachmentKey:
+    """The key of an attachment to create or change: every naming rule applies."""
+    return _validate(AttachmentKey, _path_key(request), "attachment path")
+
+
+def _ref(request: web.Request) -> AttachmentRef:
+    """The key of an attachment to read or delete: names accepted before newer rules too."""
+    return _validate(AttachmentRef, _path_key(request), "attachment path")
+
+
+def _path_key(request: web.Request) -> dict[str, str]:
     m = request.match_info
-    return _validate(
-        AttachmentKey,
-        {"network": m["network"], "container_id": m["container_id"], "ifname": m["ifname"]},
-        "attachment path",
-    )
+    return {"network": m["network"], "container_id": m["container_id"], "ifname": m["ifname"]}
 
 
 def _attachment(key: tuple[str, str, str], record: AttachmentRecord) -> dict[str, Any]:
@@ -179,6 +187,11 @@ async def put_attachment(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
     spec = _validate(AttachmentSpec, await read_json(request, ATTACHMENT_BODY_LIMIT), "body")
+    if ctx.state.get(key.as_tuple()) is None:
+        # Only new keys: one journalled before the rule keeps working (see models).
+        problem = comment_problem(*key.as_tuple())
+        if problem is not None:
+            raise BadRequest(400, "invalid attachment path", ({"loc": "path", "msg": problem},))
     try:
         ctx.state.put(key.as_tuple(), spec.ips)
     except CapacityExceeded as exc:
@@ -189,7 +202,7 @@ async def put_attachment(request: web.Request) -> web.Response:
 
 async def get_attachment(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    key = _key(request)
+    key = _ref(request)
     record = ctx.state.get(key.as_tuple())
     if record is None:
         raise BadRequest(404, f"no attachment {key.network}/{key.container_id}/{key.ifname}")
@@ -198,7 +211,7 @@ async def get_attachment(request: web.Request) -> web.Response:
 
 async def delete_attachment(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    key = _key(request)
+    key = _ref(request)
     removed = ctx.state.delete(key.as_tuple())
     await _applied(ctx, ctx.reconciler.request())
     body: dict[str, Any] = {"deleted": removed is not None}

@@ -52,7 +52,7 @@ from masqd.journal import Entry, Journal, Loaded
 from masqd.memory import release_heap, tune_allocator
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
-from masqd.models import AttachmentKey
+from masqd.models import AttachmentRef
 from masqd.nft import Backend, KernelBackend, NftError
 from masqd.reconciler import Reconciler, SyncUnavailable
 from masqd.ruleset import Policy
@@ -225,7 +225,7 @@ class Daemon:
                 spool.remove(problem.path)
         for entry in scan.entries:
             try:
-                key = AttachmentKey(
+                key = AttachmentRef(
                     network=entry.network, container_id=entry.container_id, ifname=entry.ifname
                 ).as_tuple()
             except ValueError:
