@@ -15,10 +15,10 @@ from pydantic import ValidationError
 
 from masqd.models import (
     CNI_NAME_PATTERN,
+    COMMENT_MAX_BYTES,
     MAX_CONTAINER_ID,
     MAX_NETWORK_NAME,
     Attachment,
-    COMMENT_MAX_BYTES,
     AttachmentKey,
     AttachmentRef,
     AttachmentSpec,
@@ -136,7 +136,7 @@ def test_bad_interface_names_are_refused(ifname: str) -> None:
 def test_names_refused_only_by_the_newer_rules_still_name_an_attachment() -> None:
     for ifname in ("eth0~", "e\u200b0", "e\u202e0"):
         assert not _ifname_ok(ifname) and _recorded_ifname_ok(ifname)
-        with pytest.raises(ValidationError, match="'~'|bidirectional"):
+        with pytest.raises(ValidationError, match=r"'~'|bidirectional"):
             key(ifname=ifname)
 
 
@@ -161,8 +161,6 @@ def test_a_new_key_must_fit_the_element_comment(
     assert (parse_owner_comment(comment) == (network, container_id, ifname)) == fits
     if not fits:
         assert problem is not None and f"at most {COMMENT_MAX_BYTES}" in problem
-
-
 
 
 def _recorded_ifname_ok(name: str) -> bool:
