@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,14 @@ def request_as(
     *,
     uid: int,
     gid: int,
+    groups: Sequence[int] = (),
 ) -> Answer:
     payload = "" if body is None else json.dumps(body)
     proc = subprocess.run(
         [SYSTEM_PYTHON, "-c", _CLIENT, method, path, payload, daemon.socket],
         user=uid,
         group=gid,
-        extra_groups=[],
+        extra_groups=list(groups),
         capture_output=True,
         text=True,
         timeout=30,
@@ -164,3 +166,19 @@ def test_allow_gid_with_a_group_owned_socket(daemon_factory: DaemonFactory) -> N
     assert answer.status == 200, answer
     # Another uid of another group cannot connect at all (mode 0660).
     assert request_as(daemon, "GET", "/healthz", uid=OTHER_UID, gid=OTHER_GID).status is None
+
+
+@pytest.mark.parametrize("others", [0, 100], ids=["one-group", "beyond-the-first-buffer"])
+def test_allow_gid_admits_members_by_their_supplementary_groups(
+    daemon_factory: DaemonFactory, others: int
+) -> None:
+    """Issue 10, case 11: a member of the allowed group whose primary group is another."""
+    daemon = daemon_factory(extra_args=["--allow-gid", str(OTHER_GID)])
+    open_socket_to_everyone(daemon)
+    groups = [*range(70_000, 70_000 + others), OTHER_GID]
+    answer = request_as(daemon, "PUT", PUT_PATH, PUT_BODY, uid=OTHER_UID, gid=NOBODY, groups=groups)
+    assert answer.status == 200, answer
+    # The same user outside that group is refused, whatever other groups it has.
+    refused = request_as(daemon, "DELETE", PUT_PATH, uid=OTHER_UID, gid=NOBODY, groups=groups[:-1])
+    assert refused.status == 403, refused
+    assert len(daemon.client.attachments()) == 1
