@@ -36,7 +36,7 @@ from typing import Any
 
 from aiohttp import web
 
-from masqd import __version__, adopt, plan, spool
+from masqd import __version__, adopt, paths, plan, spool
 from masqd.activation import listen_fds, unix_listener
 from masqd.api import AccessPolicy, ApiContext, build_app
 from masqd.config import (
@@ -92,6 +92,7 @@ class Daemon:
         )
         self.notifier = Notifier()
         self.spool_dir = spool.spool_dir_for(config.socket)
+        self.spool_problem: str | None = None  # why the spool is not applied, when it is not
         self.journal_problems: list[str] = []
         self.journal_found = False
         self.adopted: dict[str, int] | None = None
@@ -199,30 +200,38 @@ class Daemon:
         self.state.take_dirty()
 
     def prepare_spool_dir(self) -> None:
-        """The DEL spool beside the socket, private; the socket's directory 0750 if new."""
-        socket_dir = os.path.dirname(os.path.abspath(self.config.socket))
-        if not os.path.isdir(socket_dir):
-            # Created here first, so the spool below does not create it with the umask's mode.
-            os.makedirs(socket_dir, mode=0o750)
-            os.chmod(socket_dir, 0o750)
+        """The DEL spool beside the socket (checked by `paths.prepare_socket_dir`), private."""
         try:
             # Anyone who can write there can delete attachments: keep it private.
             spool.ensure_spool_dir(self.spool_dir)
+        except spool.UnsafeSpool as exc:
+            self._spool_refused(str(exc))
         except OSError as exc:
             log.warning("DEL spool %s: %s", self.spool_dir, exc)
+
+    def _spool_refused(self, problem: str) -> None:
+        if problem != self.spool_problem:
+            log.error("DEL spool refused: %s", problem)
+        self.spool_problem = problem
 
     def apply_spool(self) -> list[str]:
         """Apply spooled DELs to the desired state; the spool files to remove once applied."""
         try:
             scan = spool.read_spooled_deletes(self.spool_dir)
+        except spool.UnsafeSpool as exc:
+            self._spool_refused(str(exc))
+            return []
         except OSError as exc:
             log.error("cannot read the DEL spool %s: %s", self.spool_dir, exc)
             return []
+        if self.spool_problem is not None:
+            log.info("DEL spool %s is the daemon's alone again", self.spool_dir)
+            self.spool_problem = None
         done: list[str] = []
         for problem in scan.problems:
             log.warning("DEL spool: %s: %s", problem.path, problem.reason)
             if problem.removable:
-                spool.remove(problem.path)
+                self._remove_spooled(problem.path)
         for entry in scan.entries:
             try:
                 key = AttachmentRef(
@@ -230,7 +239,7 @@ class Daemon:
                 ).as_tuple()
             except ValueError:
                 log.warning("DEL spool: %s names no valid attachment; dropped", entry.path)
-                spool.remove(entry.path)
+                self._remove_spooled(entry.path)
                 continue
             removed = self.state.delete(key)
             log.info(
@@ -246,7 +255,12 @@ class Daemon:
         if passed:
             log.info("serving the API on the socket passed by systemd")
             return passed[0]
-        return unix_listener(self.config.socket)
+        try:
+            return unix_listener(self.config.socket)
+        except OSError as exc:
+            raise paths.StartupError(
+                f"socket {self.config.socket}: {exc.strerror or exc}"
+            ) from None
 
     # ---- run ---------------------------------------------------------------------------
 
@@ -262,10 +276,13 @@ class Daemon:
             "metrics_address": self.metrics_address,
             "socket": self.config.socket,
             "state_dir": self.config.state_dir,
+            "spool": {"dir": self.spool_dir, "problem": self.spool_problem},
         }
 
     async def run(self) -> None:
-        os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
+        """Start, serve until a stop signal, stop. StartupError when the daemon cannot start."""
+        paths.prepare_state_dir(self.config.state_dir)
+        paths.prepare_socket_dir(self.config.socket)
         tune_allocator()
         # Replaying 100,000 attachments allocates a million long-lived objects: collecting
         # while they are made cost half the load time, and freezing them afterwards keeps
@@ -341,7 +358,7 @@ class Daemon:
     async def _announce_ready(self, spooled: list[str]) -> None:
         await self.reconciler.first_sync_done.wait()
         for path in spooled:
-            spool.remove(path)
+            self._remove_spooled(path)
         self.notifier.ready(f"serving {len(self.state)} attachments")
         log.info("ready: %d attachments, table inet %s", len(self.state), self.config.table)
         while True:
@@ -374,7 +391,15 @@ class Daemon:
                 retry = True
                 continue
             for path in applied:
-                spool.remove(path)
+                self._remove_spooled(path)
+
+    def _remove_spooled(self, path: str) -> None:
+        try:
+            spool.remove(path)
+        except spool.UnsafeSpool as exc:
+            self._spool_refused(str(exc))
+        except OSError as exc:
+            log.warning("cannot remove %s from the DEL spool: %s", path, exc)
 
     async def _start_metrics(self) -> web.AppRunner | None:
         if not self.config.metrics_listen:
@@ -492,8 +517,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         loader.path,
         "" if os.path.exists(loader.path) else ", absent",
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Daemon(config, loader=loader).run())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(Daemon(config, loader=loader).run())
+    except paths.StartupError as exc:
+        # One line, no traceback: what is wrong and where (the log has the same line).
+        log.critical("cannot start: %s", exc)
+        logging.shutdown()
+        sys.exit(1)
     # Everything is closed and on disk. Skip the interpreter's teardown: freeing a few million
     # objects one by one (and a last collection over those made since start-up) took 1.4 s
     # at 100,000 attachments, during which a restart's requests wait on the socket.
