@@ -47,8 +47,10 @@ def prepare_socket_dir(socket_path: str, *, mode: int = 0o750) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file that is not a socket"
-        raise StartupError(f"socket {socket_path}: {kind} is there; masqd will not replace it")
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+        raise StartupError(
+            f"socket {socket_path}: {kind} is there, not a socket; masqd will not replace it"
+        )
 
 
 def _check(path: str, what: str, *, mode: int, shared_ok: bool) -> None:

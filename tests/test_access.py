@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from masqd import spool
 from tests.conftest import DaemonFactory
-from tests.daemon import MasqdProcess
+from tests.daemon import MasqdProcess, masqueraded
 
 pytestmark = pytest.mark.kernel
 
@@ -182,3 +183,74 @@ def test_allow_gid_admits_members_by_their_supplementary_groups(
     refused = request_as(daemon, "DELETE", PUT_PATH, uid=OTHER_UID, gid=NOBODY, groups=groups[:-1])
     assert refused.status == 403, refused
     assert len(daemon.client.attachments()) == 1
+
+
+# ---- issue 10, case 10: the DEL spool in a shared directory --------------------------------
+
+
+def as_nobody(*argv: str, input: str | None = None) -> None:
+    """Run a command as uid/gid 65534 (no other groups), as a local user would."""
+    subprocess.run(
+        argv,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        input=input,
+        text=True,
+        capture_output=True,
+        timeout=30,
+        check=True,
+        cwd="/",
+    )
+
+
+def in_shared_directory(daemon: MasqdProcess) -> Path:
+    """Make the daemon's socket directory like /tmp: sticky, anyone may create in it."""
+    daemon.workdir.chmod(0o1777)
+    return daemon.workdir / "spool"
+
+
+def test_a_spool_symlinked_by_a_local_user_is_not_followed(daemon_factory: DaemonFactory) -> None:
+    """The user points `spool` at a root directory: the daemon must not chmod it (main made
+    it 0700) and must not read from it."""
+    daemon = daemon_factory(start=False)
+    spool_path = in_shared_directory(daemon)
+    target = daemon.workdir / "root-owned"
+    target.mkdir()
+    target.chmod(0o755)
+    as_nobody("ln", "-s", str(target), str(spool_path))
+    daemon.start()
+
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    problem = daemon.status()["spool"]["problem"]
+    assert problem is not None and "symbolic link" in problem
+    assert daemon.log_tail().count("DEL spool refused") == 1
+
+
+def test_a_del_planted_by_a_local_user_is_not_applied(daemon_factory: DaemonFactory) -> None:
+    """The user creates `spool` before the daemon does and plants a DEL for an attachment
+    it may not delete through the socket (403 there): the daemon must not apply it."""
+    daemon = daemon_factory()
+    assert daemon.client.put_attachment("net", "victim", "eth0", ["198.18.7.9/24"]).status == 200
+    daemon.stop()
+    spool_path = in_shared_directory(daemon)
+    spool_path.rmdir()  # as on a node where the daemon has not run in this directory yet
+    entry = spool.entry_name("net", "victim", "eth0")
+    record = {"version": 1, "network": "net", "container_id": "victim", "ifname": "eth0",
+              "spooled_at": 1.0}  # fmt: skip
+    as_nobody("mkdir", "-m", "0700", str(spool_path))
+    as_nobody("tee", str(spool_path / entry), input=json.dumps(record))
+    daemon.start()
+
+    assert daemon.client.get_attachment("net", "victim", "eth0").status == 200
+    assert "198.18.7.9" in masqueraded(daemon.ns)
+    problem = daemon.status()["spool"]["problem"]
+    assert problem is not None and f"owned by uid {NOBODY}" in problem
+    assert (spool_path / entry).exists()  # reported, not touched
+    assert stat.S_IMODE(spool_path.stat().st_mode) == 0o700
+    assert spool_path.stat().st_uid == NOBODY
+
+
+def test_a_spool_of_its_own_reports_no_problem(daemon_factory: DaemonFactory) -> None:
+    daemon = daemon_factory()
+    assert daemon.status()["spool"] == {"dir": str(daemon.workdir / "spool"), "problem": None}
