@@ -89,9 +89,7 @@ def test_put_answers_once_the_kernel_holds_the_attachment(
 
 def test_put_answers_with_canonical_ips(client: Client) -> None:
     body = ok(
-        client.put_attachment(
-            "canon", "c1", "eth0", ["2001:DB8:0:0::0011/64", "198.18.11.2/255.255.255.0"]
-        )
+        client.put_attachment("canon", "c1", "eth0", ["2001:DB8:0:0::0011/64", "198.18.11.2/24"])
     )
     assert body["ips"] == ["2001:db8::11/64", "198.18.11.2/24"]
     assert ok(client.get_attachment("canon", "c1", "eth0"))["ips"] == body["ips"]
