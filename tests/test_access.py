@@ -20,7 +20,7 @@ import pytest
 
 from masqd import spool
 from tests.conftest import DaemonFactory
-from tests.daemon import MasqdProcess, masqueraded
+from tests.daemon import MasqdProcess, masqctl, masqueraded
 
 pytestmark = pytest.mark.kernel
 
@@ -225,6 +225,8 @@ def test_a_spool_symlinked_by_a_local_user_is_not_followed(daemon_factory: Daemo
     problem = daemon.status()["spool"]["problem"]
     assert problem is not None and "symbolic link" in problem
     assert daemon.log_tail().count("DEL spool refused") == 1
+    shown = masqctl(daemon.socket, "status").stdout
+    assert "DEL spool     refused:" in shown and "symbolic link" in shown
 
 
 def test_a_del_planted_by_a_local_user_is_not_applied(daemon_factory: DaemonFactory) -> None:
