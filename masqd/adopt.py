@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from masqd.models import AttachmentKey, AttachmentSpec, parse_ip
+from masqd.models import AttachmentRef, AttachmentSpec, parse_ip
 from masqd.ruleset import (
     SOURCES4,
     SOURCES6,
@@ -99,7 +99,7 @@ def _owner(local: Element, source: Element) -> tuple[AttachmentKeyT | None, str]
         if parts is None:
             continue
         try:
-            key = AttachmentKey(network=parts[0], container_id=parts[1], ifname=parts[2])
+            key = AttachmentRef(network=parts[0], container_id=parts[1], ifname=parts[2])
         except ValidationError:
             continue
         return key.as_tuple(), ""

@@ -5,8 +5,9 @@ asks the reconciler for a sync and answers once the kernel holds the change. Eve
 a JSON object (`{"error": ..., "details": [...]}`) with a 4xx (or 503 when the kernel did not
 confirm in time), and a rejected request changes nothing.
 
-Access: the peer's credentials (SO_PEERCRED) are checked on every request; root and the
-configured uids/gids get through, anyone else gets 403.
+Access: the peer's credentials (SO_PEERCRED, and SO_PEERGROUPS for its supplementary groups)
+are checked on every request; root and the configured uids/gids get through, anyone else gets
+403.
 
 Limits, so that no client can exhaust the daemon: request line and each header at most 8 KiB
 (and aiohttp's default of 128 headers), bodies at most 64 KiB (32 MiB for a GC), the IPs and
@@ -20,12 +21,15 @@ request still being received), and a body within it once the handler reads it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from asyncio.trsock import TransportSocket
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,11 +42,13 @@ from masqd.migrate import AdoptionError, Migrator
 from masqd.models import (
     Attachment,
     AttachmentKey,
+    AttachmentRef,
     AttachmentSpec,
     ErrorBody,
     GcRequest,
     GcResult,
     NetworkName,
+    comment_problem,
     validation_details,
 )
 from masqd.nft import NftError
@@ -71,8 +77,11 @@ class AccessPolicy:
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
 
-    def allows(self, uid: int, gid: int) -> bool:
-        return uid == 0 or uid == os.geteuid() or uid in self.uids or gid in self.gids
+    def allows(self, uid: int, gid: int, groups: Callable[[], Iterable[int]] = tuple) -> bool:
+        """`groups` gives the peer's supplementary groups; asked only when they decide."""
+        if uid == 0 or uid == os.geteuid() or uid in self.uids or gid in self.gids:
+            return True
+        return bool(self.gids) and not self.gids.isdisjoint(groups())
 
 
 @dataclass
@@ -148,12 +157,18 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _key(request: web.Request) -> AttachmentKey:
+    """The key of an attachment to create or change: every naming rule applies."""
+    return _validate(AttachmentKey, _path_key(request), "attachment path")
+
+
+def _ref(request: web.Request) -> AttachmentRef:
+    """The key of an attachment to read or delete: names accepted before newer rules too."""
+    return _validate(AttachmentRef, _path_key(request), "attachment path")
+
+
+def _path_key(request: web.Request) -> dict[str, str]:
     m = request.match_info
-    return _validate(
-        AttachmentKey,
-        {"network": m["network"], "container_id": m["container_id"], "ifname": m["ifname"]},
-        "attachment path",
-    )
+    return {"network": m["network"], "container_id": m["container_id"], "ifname": m["ifname"]}
 
 
 def _attachment(key: tuple[str, str, str], record: AttachmentRecord) -> dict[str, Any]:
@@ -179,6 +194,11 @@ async def put_attachment(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
     spec = _validate(AttachmentSpec, await read_json(request, ATTACHMENT_BODY_LIMIT), "body")
+    if ctx.state.get(key.as_tuple()) is None:
+        # Only new keys: one journalled before the rule keeps working (see models).
+        problem = comment_problem(*key.as_tuple())
+        if problem is not None:
+            raise BadRequest(400, "invalid attachment path", ({"loc": "path", "msg": problem},))
     try:
         ctx.state.put(key.as_tuple(), spec.ips)
     except CapacityExceeded as exc:
@@ -189,7 +209,7 @@ async def put_attachment(request: web.Request) -> web.Response:
 
 async def get_attachment(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    key = _key(request)
+    key = _ref(request)
     record = ctx.state.get(key.as_tuple())
     if record is None:
         raise BadRequest(404, f"no attachment {key.network}/{key.container_id}/{key.ifname}")
@@ -198,7 +218,7 @@ async def get_attachment(request: web.Request) -> web.Response:
 
 async def delete_attachment(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    key = _key(request)
+    key = _ref(request)
     removed = ctx.state.delete(key.as_tuple())
     await _applied(ctx, ctx.reconciler.request())
     body: dict[str, Any] = {"deleted": removed is not None}
@@ -312,6 +332,40 @@ def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
+# SO_PEERGROUPS (Linux 4.13): the supplementary groups the peer had at connect().
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GROUPS_FIRST_TRY = 64  # fits almost everyone; the kernel says how many when it does not
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def peer_groups(sock: socket.socket | TransportSocket) -> tuple[int, ...]:
+    """The peer's supplementary group IDs (empty where the kernel cannot tell).
+
+    Through libc: Python's getsockopt takes at most 1,024 bytes (256 groups), and a user
+    may be in up to 65,536 groups.
+    """
+    count = _GROUPS_FIRST_TRY
+    for _ in range(2):
+        buf = (ctypes.c_uint32 * count)()
+        size = ctypes.c_uint32(ctypes.sizeof(buf))
+        fd = sock.fileno()
+        if _libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(size)) == 0:
+            return tuple(buf[: size.value // ctypes.sizeof(ctypes.c_uint32)])
+        err = ctypes.get_errno()
+        if err != errno.ERANGE:
+            log.warning("cannot read the peer's groups (SO_PEERGROUPS): %s", os.strerror(err))
+            return ()
+        count = size.value // ctypes.sizeof(ctypes.c_uint32)  # the size the kernel needs
+    return ()
+
+
+def _peer_groups_of(request: web.Request) -> tuple[int, ...]:
+    transport = request.transport
+    # asyncio hands out a TransportSocket: it has fileno(), which is all peer_groups uses.
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return () if sock is None else peer_groups(sock)
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
@@ -321,7 +375,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     started = asyncio.get_running_loop().time()
     response: web.StreamResponse
     creds = peer_credentials(request)
-    if creds is not None and not ctx.access.allows(creds[1], creds[2]):
+    if creds is not None and not ctx.access.allows(
+        creds[1], creds[2], lambda: _peer_groups_of(request)
+    ):
         response = error(403, f"uid {creds[1]} is not allowed to use this socket")
     else:
         try:

@@ -143,6 +143,9 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  metrics       http://{s['metrics_address']}/metrics")
     for problem in s.get("journal_problems") or []:
         lines.append(f"  journal       {problem}")
+    spool_problem = (s.get("spool") or {}).get("problem")
+    if spool_problem:
+        lines.append(f"  DEL spool     refused: {spool_problem}")
     return "\n".join(lines)
 
 

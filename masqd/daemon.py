@@ -38,7 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
-from masqd import __version__, adopt, plan, spool
+from masqd import __version__, adopt, paths, plan, spool
 from masqd.activation import listen_fds, unix_listener
 from masqd.api import AccessPolicy, ApiContext, build_app
 from masqd.config import (
@@ -54,14 +54,14 @@ from masqd.journal import Entry, Journal, Loaded
 from masqd.memory import release_heap, tune_allocator
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
-from masqd.models import AttachmentKey
+from masqd.models import AttachmentRef
 from masqd.nft import Backend, KernelBackend, NftError
 from masqd.reconciler import Reconciler, SyncUnavailable
 from masqd.ruleset import Policy
 from masqd.sdnotify import Notifier, watchdog_loop
 from masqd.server import LimitedSockSite
 from masqd.state import CapacityExceeded, DesiredState
-from masqd.statedir import StateDirBusy, StateDirLock
+from masqd.statedir import StateDirLock
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Daemon:
         )
         self.notifier = Notifier()
         self.spool_dir = spool.spool_dir_for(config.socket)
+        self.spool_problem: str | None = None  # why the spool is not applied, when it is not
         self.journal_problems: list[str] = []
         self.journal_found = False
         self.journal_incomplete: str | None = "not loaded"  # why it is not proven complete
@@ -218,38 +219,46 @@ class Daemon:
         self.state.take_dirty()
 
     def prepare_spool_dir(self) -> None:
-        """The DEL spool beside the socket, private; the socket's directory 0750 if new."""
-        socket_dir = os.path.dirname(os.path.abspath(self.config.socket))
-        if not os.path.isdir(socket_dir):
-            # Created here first, so the spool below does not create it with the umask's mode.
-            os.makedirs(socket_dir, mode=0o750)
-            os.chmod(socket_dir, 0o750)
+        """The DEL spool beside the socket (checked by `paths.prepare_socket_dir`), private."""
         try:
             # Anyone who can write there can delete attachments: keep it private.
             spool.ensure_spool_dir(self.spool_dir)
+        except spool.UnsafeSpool as exc:
+            self._spool_refused(str(exc))
         except OSError as exc:
             log.warning("DEL spool %s: %s", self.spool_dir, exc)
+
+    def _spool_refused(self, problem: str) -> None:
+        if problem != self.spool_problem:
+            log.error("DEL spool refused: %s", problem)
+        self.spool_problem = problem
 
     def apply_spool(self) -> list[str]:
         """Apply spooled DELs to the desired state; the spool files to remove once applied."""
         try:
             scan = spool.read_spooled_deletes(self.spool_dir)
+        except spool.UnsafeSpool as exc:
+            self._spool_refused(str(exc))
+            return []
         except OSError as exc:
             log.error("cannot read the DEL spool %s: %s", self.spool_dir, exc)
             return []
+        if self.spool_problem is not None:
+            log.info("DEL spool %s is the daemon's alone again", self.spool_dir)
+            self.spool_problem = None
         done: list[str] = []
         for problem in scan.problems:
             log.warning("DEL spool: %s: %s", problem.path, problem.reason)
             if problem.removable:
-                spool.remove(problem.path)
+                self._remove_spooled(problem.path)
         for entry in scan.entries:
             try:
-                key = AttachmentKey(
+                key = AttachmentRef(
                     network=entry.network, container_id=entry.container_id, ifname=entry.ifname
                 ).as_tuple()
             except ValueError:
                 log.warning("DEL spool: %s names no valid attachment; dropped", entry.path)
-                spool.remove(entry.path)
+                self._remove_spooled(entry.path)
                 continue
             removed = self.state.delete(key)
             log.info(
@@ -265,7 +274,12 @@ class Daemon:
         if passed:
             log.info("serving the API on the socket passed by systemd")
             return passed[0]
-        return unix_listener(self.config.socket)
+        try:
+            return unix_listener(self.config.socket)
+        except OSError as exc:
+            raise paths.StartupError(
+                f"socket {self.config.socket}: {exc.strerror or exc}"
+            ) from None
 
     # ---- run ---------------------------------------------------------------------------
 
@@ -282,14 +296,17 @@ class Daemon:
             "metrics_address": self.metrics_address,
             "socket": self.config.socket,
             "state_dir": self.config.state_dir,
+            "spool": {"dir": self.spool_dir, "problem": self.spool_problem},
         }
 
     async def run(self) -> None:
-        os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
+        """Start, serve until a stop signal, stop. StartupError when the daemon cannot start."""
+        paths.prepare_state_dir(self.config.state_dir)
         # Before anything reads the journal or opens the socket: a second daemon on this
-        # state directory stops here (StateDirBusy), having changed nothing.
+        # state directory stops here (StateDirBusy, a StartupError), having changed nothing.
         self.lock.acquire()
         try:
+            paths.prepare_socket_dir(self.config.socket)
             await self._run_locked()
         finally:
             self.lock.release()
@@ -371,7 +388,7 @@ class Daemon:
     async def _announce_ready(self, spooled: list[str]) -> None:
         await self.reconciler.first_sync_done.wait()
         for path in spooled:
-            spool.remove(path)
+            self._remove_spooled(path)
         self.notifier.ready(f"serving {len(self.state)} attachments")
         log.info("ready: %d attachments, table inet %s", len(self.state), self.config.table)
         while True:
@@ -404,7 +421,15 @@ class Daemon:
                 retry = True
                 continue
             for path in applied:
-                spool.remove(path)
+                self._remove_spooled(path)
+
+    def _remove_spooled(self, path: str) -> None:
+        try:
+            spool.remove(path)
+        except spool.UnsafeSpool as exc:
+            self._spool_refused(str(exc))
+        except OSError as exc:
+            log.warning("cannot remove %s from the DEL spool: %s", path, exc)
 
     async def _start_metrics(self) -> web.AppRunner | None:
         if not self.config.metrics_listen:
@@ -525,8 +550,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(Daemon(config, loader=loader).run())
-    except StateDirBusy as exc:
-        log.error("%s", exc)
+    except paths.StartupError as exc:
+        # One line, no traceback: what is wrong and where (the log has the same line).
+        log.critical("cannot start: %s", exc)
         logging.shutdown()
         sys.exit(1)
     # Everything is closed and on disk. Skip the interpreter's teardown: freeing a few million

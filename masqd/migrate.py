@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from masqd import ruleset
-from masqd.models import AttachmentKey, AttachmentSpec
+from masqd.models import AttachmentKey, AttachmentSpec, comment_problem
 from masqd.nft import NftError
 from masqd.reconciler import Reconciler, SyncUnavailable
 from masqd.state import CapacityExceeded, DesiredState
@@ -384,6 +384,9 @@ class Migrator:
         except ValidationError as exc:
             return f"not a valid attachment name: {exc.errors()[0]['msg']}"
         existing = self.state.get(key)
+        problem = None if existing else comment_problem(*key)
+        if problem is not None:
+            return f"not a valid attachment name: {problem}"
         current = existing.cidrs() if existing else []
         try:
             spec = AttachmentSpec(ips=tuple(_merge_ips(current, (r.ip for r in rules))))

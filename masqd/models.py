@@ -28,12 +28,31 @@ CNI_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 # backslashes and control characters: the name lands in element comments that `nft list`
 # prints unescaped.
 _IFNAME_FORBIDDEN = re.compile(r'[/:\s\x00-\x1f\x7f"\\]')
+# Bidirectional controls and zero-width characters: invisible in `nft list`, logs and
+# `masqctl` output, they make two names that print alike name different attachments (and
+# can reorder what a reader sees). Refused in every name; the CNI pattern already keeps them
+# out of network names and container IDs, so this matters for interface names.
+INVISIBLE_CHARACTERS = re.compile(
+    r"[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
+)
+# Marks an element comment that nftables' length limit cut (see `ruleset.owner_comment`):
+# an interface name ending in it could not be told from a cut comment on adoption.
+TRUNCATED_MARK = "~"
+# nftables' limit on an element comment, in bytes without the terminating NUL (the `nft`
+# parser refuses 129; tests/test_nft_kernel.py measures it). Element comments name the owner
+# as 'network/container_id/ifname': a new attachment whose name does not fit is refused, or
+# it could not be adopted back from the table after a journal loss.
+COMMENT_MAX_BYTES = 128
+
+_PREFIX_LENGTH = re.compile(r"[0-9]{1,3}")
 
 MULTICAST4 = ipaddress.IPv4Network("224.0.0.0/4")
 MULTICAST6 = ipaddress.IPv6Network("ff00::/8")
 
 
-def _check_ifname(value: str) -> str:
+def _check_recorded_ifname(value: str) -> str:
+    """The kernel's rules and what nftables needs: enough to identify an attachment that the
+    daemon already holds (journalled before the rules in `_check_ifname` were added)."""
     size = len(value.encode())
     if not 1 <= size <= MAX_IFNAME_BYTES:
         raise ValueError(f"interface name must be 1 to {MAX_IFNAME_BYTES} bytes, got {size}")
@@ -44,6 +63,33 @@ def _check_ifname(value: str) -> str:
             "interface name must not contain '/', ':', '\"', '\\', whitespace or control characters"
         )
     return value
+
+
+def _check_ifname(value: str) -> str:
+    """The rules for an interface name in a request: the recorded rules, and nothing that
+    cannot be told apart on screen or read back from an element comment."""
+    _check_recorded_ifname(value)
+    if INVISIBLE_CHARACTERS.search(value):
+        raise ValueError("interface name must not contain bidirectional or zero-width characters")
+    if value.endswith(TRUNCATED_MARK):
+        raise ValueError(f"interface name must not end in {TRUNCATED_MARK!r}")
+    return value
+
+
+def comment_problem(network: str, container_id: str, ifname: str) -> str | None:
+    """Why a new attachment's name cannot round-trip through its element comment, or None.
+
+    Checked only for keys the daemon does not hold yet: attachments accepted before this
+    rule (journalled with longer names) keep working; only their adoption is not possible.
+    """
+    size = len(f"{network}/{container_id}/{ifname}".encode())
+    if size > COMMENT_MAX_BYTES:
+        return (
+            f"network, container ID and interface name take {size} bytes as "
+            f"'network/container_id/ifname'; at most {COMMENT_MAX_BYTES} fit in the kernel's "
+            "element comment that lets masqd adopt the attachment back"
+        )
+    return None
 
 
 def parse_ip(value: str) -> str:
@@ -57,11 +103,18 @@ def parse_ip(value: str) -> str:
         raise ValueError("an IP must be a string like '10.22.0.5/16'")
     if "/" not in value:
         raise ValueError(f"{value!r}: an IP needs a prefix length, like '10.22.0.5/16'")
+    if "%" in value:
+        # ipaddress accepts a scope and drops it from the network: the zone would be lost.
+        raise ValueError(f"{value!r} has a zone (%...); give the address without it")
+    if not _PREFIX_LENGTH.fullmatch(value.rsplit("/", 1)[1]):
+        # ipaddress also takes a netmask or hostmask here; one spelling keeps the API exact.
+        raise ValueError(f"{value!r}: the prefix must be a length like /16, not a mask")
     try:
         iface = ipaddress.ip_interface(value)
     except ValueError as exc:
         raise ValueError(f"{value!r} is not an IP address with prefix length") from exc
     addr = iface.ip
+    net = iface.network
     for bad, what in (
         (addr.is_multicast, "multicast"),
         (addr.is_loopback, "loopback"),
@@ -74,12 +127,22 @@ def parse_ip(value: str) -> str:
             )
     if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
         raise ValueError(f"{value!r} is the broadcast address")
+    # A subnet's own address (and IPv4's broadcast) is no host's: /31, /32, /127 and /128
+    # have no such addresses (RFC 3021, RFC 6164).
+    if net.prefixlen < net.max_prefixlen - 1 and addr == net.network_address:
+        raise ValueError(f"{value!r} is the network address of {net}, not a host's")
+    if (
+        isinstance(addr, ipaddress.IPv4Address)
+        and net.prefixlen < 31
+        and addr == net.broadcast_address
+    ):
+        raise ValueError(f"{value!r} is the broadcast address of {net}, not a host's")
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         raise ValueError(f"{value!r} is an IPv4-mapped IPv6 address; give the IPv4 address instead")
     if isinstance(addr, ipaddress.IPv6Address) and int(addr) >> 32 == 0:
         # ::a.b.c.d (RFC 4291 deprecates it); nft would print it in a form Python does not.
         raise ValueError(f"{value!r} is an IPv4-compatible IPv6 address (deprecated)")
-    return f"{addr}/{iface.network.prefixlen}"
+    return f"{addr}/{net.prefixlen}"
 
 
 def _check_ips(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -99,6 +162,7 @@ ContainerID = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_CONTAINER_ID, pattern=CNI_NAME_PATTERN)
 ]
 IfName = Annotated[str, AfterValidator(_check_ifname)]
+RecordedIfName = Annotated[str, AfterValidator(_check_recorded_ifname)]
 AttachmentIP = Annotated[str, AfterValidator(parse_ip)]
 AttachmentIPs = Annotated[
     tuple[AttachmentIP, ...],
@@ -109,11 +173,13 @@ AttachmentIPs = Annotated[
 _CNI_NAME = re.compile(CNI_NAME_PATTERN)
 
 
-def key_problem(network: str, container_id: str, ifname: str) -> str | None:
+def key_problem(
+    network: str, container_id: str, ifname: str, *, recorded: bool = False
+) -> str | None:
     """Why (network, container ID, ifname) is not a valid attachment key, or None.
 
-    The same rules as `AttachmentKey`, without pydantic's per-call cost: start-up checks
-    every journal record with it.
+    The same rules as `AttachmentKey` (with `recorded`, as `AttachmentRef`), without
+    pydantic's per-call cost: start-up checks every journal record with it.
     """
     for name, value, limit in (
         ("network", network, MAX_NETWORK_NAME),
@@ -128,7 +194,7 @@ def key_problem(network: str, container_id: str, ifname: str) -> str | None:
         ):
             return f"invalid {name} {value!r}"
     try:
-        _check_ifname(ifname)
+        (_check_recorded_ifname if recorded else _check_ifname)(ifname)
     except (ValueError, AttributeError) as exc:
         return str(exc)
     return None
@@ -149,6 +215,23 @@ class AttachmentKey(BaseModel):
         return (self.network, self.container_id, self.ifname)
 
 
+class AttachmentRef(BaseModel):
+    """A key that names an attachment to read, delete or keep, not to create.
+
+    Accepts the interface names that the rules added later refuse (a trailing '~',
+    bidirectional or zero-width characters), so an attachment journalled before them can
+    still be deleted, listed and kept by a GC.
+    """
+
+    model_config = _STRICT
+    network: NetworkName
+    container_id: ContainerID
+    ifname: RecordedIfName
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        return (self.network, self.container_id, self.ifname)
+
+
 class AttachmentSpec(BaseModel):
     """Body of PUT /v1/attachments/{network}/{container_id}/{ifname}."""
 
@@ -162,7 +245,7 @@ class Attachment(BaseModel):
     model_config = _STRICT
     network: NetworkName
     container_id: ContainerID
-    ifname: IfName
+    ifname: RecordedIfName
     ips: AttachmentIPs
 
 
@@ -171,7 +254,7 @@ class ValidAttachment(BaseModel):
 
     model_config = _STRICT
     container_id: ContainerID
-    ifname: IfName
+    ifname: RecordedIfName
 
 
 class GcRequest(BaseModel):

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
+from masqd import models
+
 # Sets, by family (the local sets are named by `local_set`: local4_<plen>, local6_<plen>).
 SOURCES4 = "sources4"
 EXEMPT4 = "exempt4"
@@ -55,8 +57,10 @@ SOURCE_SETS = (SOURCES4, SOURCES6)
 EXEMPT_SETS = (EXEMPT4, EXEMPT6)
 FIXED_SETS = (SOURCES4, EXEMPT4, SOURCES6, EXEMPT6)  # always there, whatever the attachments
 
-COMMENT_MAX_BYTES = 128  # nftables refuses longer element comments
-TRUNCATED_MARK = "~"  # never valid in a CNI name, so a truncated owner is recognisable
+# nftables refuses longer element comments; "~" is never valid at the end of a name (see
+# models), so a truncated owner is recognisable.
+COMMENT_MAX_BYTES = models.COMMENT_MAX_BYTES
+TRUNCATED_MARK = models.TRUNCATED_MARK
 
 _SET_TYPES: dict[str, tuple[Any, tuple[str, ...]]] = {
     SOURCES4: ("ipv4_addr", ()),

@@ -21,6 +21,14 @@ silently forget a DEL, while refusing makes the plugin fail that DEL with "try a
 which the runtime retries. An entry for an attachment already spooled is always accepted
 (it replaces the old one and does not grow the spool).
 
+Trust: whoever can write the spool can make the daemon delete attachments, bypassing the
+socket's peer-credential check, and the socket may sit in a shared directory such as /tmp.
+So the daemon reads the spool only through a descriptor opened without following a symlink,
+and only when that directory is owned by root (or the daemon's user) and writable by its
+owner alone (`UnsafeSpool` otherwise: nothing in it is applied, and nothing is changed
+through it; the daemon reports the problem). Entries are opened, listed and removed
+relative to that descriptor, never by a path that could be swapped meanwhile.
+
 Both sides are standard library only (Python 3.8 for the plugin: see `cni`) and synchronous:
 the plugin imports this module only on the rare path that needs it, and the daemon calls it
 from a thread or directly (each call is a few system calls on a directory that is almost
@@ -30,11 +38,13 @@ always empty).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 SPOOL_DIRNAME = "spool"
@@ -53,6 +63,10 @@ MTIME_GRANULARITY_SECONDS = 0.05
 
 class SpoolFull(Exception):
     """The spool holds `MAX_ENTRIES` entries already; the DEL was not recorded."""
+
+
+class UnsafeSpool(Exception):
+    """The spool directory is not the daemon's alone: nothing in it may be applied."""
 
 
 @dataclass(frozen=True)
@@ -102,13 +116,18 @@ def entry_name(network: str, container_id: str, ifname: str) -> str:
 
 
 def ensure_spool_dir(spool_dir: str) -> None:
-    """Create the spool directory if needed and make it private (0700).
+    """Create the spool directory if needed and make sure it is private (0700).
 
-    Whoever can write here can make the daemon delete attachments, bypassing the socket's
-    peer-credential check, so the directory must be writable by its owner alone.
+    Raises UnsafeSpool, changing nothing, when the directory is a symlink, someone else's,
+    or writable by others: entries may have been planted there.
     """
-    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-    os.chmod(spool_dir, 0o700)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(spool_dir, 0o700)  # mkdir never follows a symlink at the last component
+    with _open_spool(spool_dir) as fd:
+        if fd is None:
+            raise UnsafeSpool(f"{spool_dir}: vanished while it was being created")
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+            os.fchmod(fd, 0o700)  # ours and not writable by others: only tighten it
 
 
 def spool_delete(
@@ -180,43 +199,93 @@ def read_spooled_deletes(spool_dir: str, *, now: float | None = None) -> SpoolSc
     """Every valid entry (oldest first) and every file that is not one. Never raises for content.
 
     Read-only: the caller applies each entry, then `remove(entry.path)`; it logs each problem
-    and removes the `removable` ones. A missing directory is an empty spool. OSError is raised
-    only when the directory itself cannot be listed.
+    and removes the `removable` ones. A missing directory is an empty spool. UnsafeSpool is
+    raised when the directory cannot be trusted, OSError when it cannot be listed.
     """
     wall = time.time() if now is None else now
     entries: list[SpooledDelete] = []
     problems: list[SpoolProblem] = []
-    try:
-        with os.scandir(spool_dir) as it:
-            dirents = sorted(it, key=lambda e: e.name)
-    except FileNotFoundError:
-        return SpoolScan((), ())
-    for dirent in dirents:
-        path = dirent.path
-        if dirent.name.startswith(TEMP_PREFIX):
-            try:
-                age = wall - dirent.stat(follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                continue  # renamed into place since the listing
-            if age > STALE_TEMP_SECONDS:
-                reason = f"abandoned temporary file ({age:.0f}s old)"
-                problems.append(SpoolProblem(path, reason, True))
-            continue
-        if not _is_entry_name(dirent.name):
-            problems.append(SpoolProblem(path, "not a spool entry (unexpected name)", False))
-            continue
-        parsed = _read_entry(path)
-        if isinstance(parsed, str):
-            problems.append(SpoolProblem(path, parsed, True))
-        elif parsed is not None:
-            entries.append(parsed)
+    with _open_spool(spool_dir) as fd:
+        if fd is None:
+            return SpoolScan((), ())
+        with os.scandir(fd) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            _scan_one(spool_dir, fd, name, wall, entries, problems)
     entries.sort(key=lambda e: (e.spooled_at, e.path))
     return SpoolScan(tuple(entries), tuple(problems))
 
 
+def _scan_one(
+    spool_dir: str,
+    fd: int,
+    name: str,
+    wall: float,
+    entries: list[SpooledDelete],
+    problems: list[SpoolProblem],
+) -> None:
+    path = os.path.join(spool_dir, name)
+    if name.startswith(TEMP_PREFIX):
+        try:
+            age = wall - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return  # renamed into place since the listing
+        if age > STALE_TEMP_SECONDS:
+            reason = f"abandoned temporary file ({age:.0f}s old)"
+            problems.append(SpoolProblem(path, reason, True))
+        return
+    if not _is_entry_name(name):
+        problems.append(SpoolProblem(path, "not a spool entry (unexpected name)", False))
+        return
+    parsed = _read_entry(path, fd, name)
+    if isinstance(parsed, str):
+        problems.append(SpoolProblem(path, parsed, True))
+    elif parsed is not None:
+        entries.append(parsed)
+
+
 def remove(path: str) -> None:
-    """Remove an applied entry or a removable problem file; already gone is fine."""
-    _unlink_quietly(path)
+    """Remove an applied entry or a removable problem file; already gone is fine.
+
+    Through the spool directory's descriptor, checked like a read: UnsafeSpool when the
+    directory is no longer the daemon's alone.
+    """
+    with _open_spool(os.path.dirname(path)) as fd:
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.basename(path), dir_fd=fd)
+
+
+@contextlib.contextmanager
+def _open_spool(spool_dir: str) -> Iterator[int | None]:
+    """A descriptor of the spool directory, checked (None when it does not exist)."""
+    try:
+        fd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            what = "a symbolic link" if os.path.islink(spool_dir) else "not a directory"
+            raise UnsafeSpool(f"{spool_dir} is {what}; nothing in it is applied") from None
+        raise
+    try:
+        problem = spool_dir_problem(os.fstat(fd))
+        if problem is not None:
+            raise UnsafeSpool(f"{spool_dir}: {problem}; nothing in it is applied")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def spool_dir_problem(st: os.stat_result) -> str | None:
+    """Why a spool directory with this status cannot be trusted, or None."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}, not by root or the daemon's user"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"mode {mode:04o} lets others write it"
+    return None
 
 
 class SpoolWatcher:
@@ -239,7 +308,7 @@ class SpoolWatcher:
     def poll(self) -> bool:
         sampled_at = self._clock()
         try:
-            st = os.stat(self.spool_dir)
+            st = os.lstat(self.spool_dir)  # a symlink put there is a change, not followed
             signature = (st.st_ino, st.st_mtime_ns)
             modified_at = st.st_mtime
         except FileNotFoundError:
@@ -254,10 +323,12 @@ def _is_entry_name(name: str) -> bool:
     return name.startswith(ENTRY_PREFIX) and name.endswith(ENTRY_SUFFIX)
 
 
-def _read_entry(path: str) -> SpooledDelete | str | None:
-    """The entry at `path`, a reason why it is not one, or None when it vanished meanwhile."""
+def _read_entry(path: str, dir_fd: int, name: str) -> SpooledDelete | str | None:
+    """The entry `name` in the directory `dir_fd` (at `path`), a reason why it is not one, or
+    None when it vanished meanwhile."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(name, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:

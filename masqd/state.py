@@ -100,7 +100,8 @@ class DesiredState:
             return False
         if previous is None and len(self.attachments) >= self.max_attachments:
             raise CapacityExceeded(
-                f"the daemon holds {len(self.attachments)} attachments, the configured maximum"
+                f"the daemon holds {len(self.attachments)} attachments and --max-attachments "
+                f"is {self.max_attachments}: a new attachment needs another removed first"
             )
         self._set(key, pairs)
         if self._journal is not None:
@@ -138,7 +139,8 @@ class DesiredState:
                 if entry.last and at_last_marker is not None:
                     at_last_marker(entry)
                 continue
-            problem = key_problem(*entry.key)
+            # Recorded rules: a key journalled before a newer naming rule keeps working.
+            problem = key_problem(*entry.key, recorded=True)
             if problem is not None:
                 problems.append(f"journal record for {entry.key}: {problem}; skipped")
                 continue

@@ -18,10 +18,12 @@ import fcntl
 import os
 from pathlib import Path
 
+from masqd.paths import StartupError
+
 LOCK_FILE = "masqd.lock"
 
 
-class StateDirBusy(Exception):
+class StateDirBusy(StartupError):
     """Another live process holds the state directory's lock."""
 
 

@@ -12,13 +12,15 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from masqd import spool
 from tests.conftest import DaemonFactory
-from tests.daemon import MasqdProcess
+from tests.daemon import MasqdProcess, masqctl, masqueraded
 
 pytestmark = pytest.mark.kernel
 
@@ -69,13 +71,14 @@ def request_as(
     *,
     uid: int,
     gid: int,
+    groups: Sequence[int] = (),
 ) -> Answer:
     payload = "" if body is None else json.dumps(body)
     proc = subprocess.run(
         [SYSTEM_PYTHON, "-c", _CLIENT, method, path, payload, daemon.socket],
         user=uid,
         group=gid,
-        extra_groups=[],
+        extra_groups=list(groups),
         capture_output=True,
         text=True,
         timeout=30,
@@ -164,3 +167,92 @@ def test_allow_gid_with_a_group_owned_socket(daemon_factory: DaemonFactory) -> N
     assert answer.status == 200, answer
     # Another uid of another group cannot connect at all (mode 0660).
     assert request_as(daemon, "GET", "/healthz", uid=OTHER_UID, gid=OTHER_GID).status is None
+
+
+@pytest.mark.parametrize("others", [0, 100], ids=["one-group", "beyond-the-first-buffer"])
+def test_allow_gid_admits_members_by_their_supplementary_groups(
+    daemon_factory: DaemonFactory, others: int
+) -> None:
+    """Issue 10, case 11: a member of the allowed group whose primary group is another."""
+    daemon = daemon_factory(extra_args=["--allow-gid", str(OTHER_GID)])
+    open_socket_to_everyone(daemon)
+    groups = [*range(70_000, 70_000 + others), OTHER_GID]
+    answer = request_as(daemon, "PUT", PUT_PATH, PUT_BODY, uid=OTHER_UID, gid=NOBODY, groups=groups)
+    assert answer.status == 200, answer
+    # The same user outside that group is refused, whatever other groups it has.
+    refused = request_as(daemon, "DELETE", PUT_PATH, uid=OTHER_UID, gid=NOBODY, groups=groups[:-1])
+    assert refused.status == 403, refused
+    assert len(daemon.client.attachments()) == 1
+
+
+# ---- issue 10, case 10: the DEL spool in a shared directory --------------------------------
+
+
+def as_nobody(*argv: str, input: str | None = None) -> None:
+    """Run a command as uid/gid 65534 (no other groups), as a local user would."""
+    subprocess.run(
+        argv,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        input=input,
+        text=True,
+        capture_output=True,
+        timeout=30,
+        check=True,
+        cwd="/",
+    )
+
+
+def in_shared_directory(daemon: MasqdProcess) -> Path:
+    """Make the daemon's socket directory like /tmp: sticky, anyone may create in it."""
+    daemon.workdir.chmod(0o1777)
+    return daemon.workdir / "spool"
+
+
+def test_a_spool_symlinked_by_a_local_user_is_not_followed(daemon_factory: DaemonFactory) -> None:
+    """The user points `spool` at a root directory: the daemon must not chmod it (main made
+    it 0700) and must not read from it."""
+    daemon = daemon_factory(start=False)
+    spool_path = in_shared_directory(daemon)
+    target = daemon.workdir / "root-owned"
+    target.mkdir()
+    target.chmod(0o755)
+    as_nobody("ln", "-s", str(target), str(spool_path))
+    daemon.start()
+
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    problem = daemon.status()["spool"]["problem"]
+    assert problem is not None and "symbolic link" in problem
+    assert daemon.log_tail().count("DEL spool refused") == 1
+    shown = masqctl(daemon.socket, "status").stdout
+    assert "DEL spool     refused:" in shown and "symbolic link" in shown
+
+
+def test_a_del_planted_by_a_local_user_is_not_applied(daemon_factory: DaemonFactory) -> None:
+    """The user creates `spool` before the daemon does and plants a DEL for an attachment
+    it may not delete through the socket (403 there): the daemon must not apply it."""
+    daemon = daemon_factory()
+    assert daemon.client.put_attachment("net", "victim", "eth0", ["198.18.7.9/24"]).status == 200
+    daemon.stop()
+    spool_path = in_shared_directory(daemon)
+    spool_path.rmdir()  # as on a node where the daemon has not run in this directory yet
+    entry = spool.entry_name("net", "victim", "eth0")
+    record = {"version": 1, "network": "net", "container_id": "victim", "ifname": "eth0",
+              "spooled_at": 1.0}  # fmt: skip
+    as_nobody("mkdir", "-m", "0700", str(spool_path))
+    as_nobody("tee", str(spool_path / entry), input=json.dumps(record))
+    daemon.start()
+
+    assert daemon.client.get_attachment("net", "victim", "eth0").status == 200
+    assert "198.18.7.9" in masqueraded(daemon.ns)
+    problem = daemon.status()["spool"]["problem"]
+    assert problem is not None and f"owned by uid {NOBODY}" in problem
+    assert (spool_path / entry).exists()  # reported, not touched
+    assert stat.S_IMODE(spool_path.stat().st_mode) == 0o700
+    assert spool_path.stat().st_uid == NOBODY
+
+
+def test_a_spool_of_its_own_reports_no_problem(daemon_factory: DaemonFactory) -> None:
+    daemon = daemon_factory()
+    assert daemon.status()["spool"] == {"dir": str(daemon.workdir / "spool"), "problem": None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import urllib.parse
 
 import pytest
 from hypothesis import given, settings
@@ -28,11 +29,12 @@ from tests.test_resilience import restart, without_handles
 
 names = st.from_regex(r"[a-z0-9][a-z0-9_.\-]{0,11}", fullmatch=True)
 ifnames = st.from_regex(r"eth[0-9]{1,2}|net[0-9]", fullmatch=True)
+# Host addresses only: in a /30, .4n and .4n+3 are the subnet's network and broadcast.
 v4 = st.tuples(st.integers(0, 3), st.integers(1, 254), st.sampled_from([16, 24, 30])).map(
-    lambda t: f"198.18.{t[0]}.{t[1]}/{t[2]}"
+    lambda t: f"198.18.{t[0]}.{(t[1] & 0xFC) | 1 if t[2] == 30 else t[1]}/{t[2]}"
 )
 v6 = st.tuples(st.integers(0, 3), st.integers(1, 0xFFFF), st.sampled_from([48, 64, 120])).map(
-    lambda t: f"2001:db8:{t[0]}::{t[1]:x}/{t[2]}"
+    lambda t: f"2001:db8:{t[0]}::{t[1] | 1:x}/{t[2]}"  # odd: never the subnet-router address
 )
 ips = st.lists(st.one_of(v4, v6), min_size=1, max_size=4, unique_by=lambda ip: ip.split("/")[0])
 attachments = st.dictionaries(st.tuples(names, names, ifnames), ips, max_size=12)
@@ -200,6 +202,54 @@ def test_restart_without_journal_adopts_the_table_and_removes_nothing(
     restart(daemon, kill=False)
     assert daemon.status()["adopted"] is None
     assert len(daemon.client.attachments()) == 3
+
+
+# Keys at the edge of the element comment (128 bytes as 'network/container_id/ifname'), and
+# names that adoption could not read back, which a PUT must therefore refuse.
+EDGE_SETUPS = {
+    ("n" * 64, "c" * 48, "x" * 14): ["198.18.12.2/24"],  # exactly 128 bytes
+    ("n" * 63, "c" * 49, "\u00e9" * 7): ["198.18.12.3/24", "2001:db8:12::3/64"],  # 128 bytes
+    ("net-edge", "ctr", "e~th0"): ["198.18.12.4/24"],  # '~' inside the name is fine
+}
+REFUSED_KEYS = [
+    ("net-edge", "ctr", "eth0~"),  # reads as a comment cut short
+    ("n" * 64, "c" * 48, "x" * 15),  # 129 bytes: nftables would cut the comment
+    ("net-edge", "c" * 128, "eth0"),
+    ("net-edge", "ctr", "e\u200b0"),  # zero-width space
+]
+
+
+def quoted_path(network: str, container_id: str, ifname: str) -> str:
+    return "/v1/attachments/" + "/".join(
+        urllib.parse.quote(p, safe="") for p in (network, container_id, ifname)
+    )
+
+
+@pytest.mark.kernel
+def test_every_accepted_attachment_comes_back_after_a_journal_loss(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """Issue 10, case 9: what the API accepts round-trips through the element comments."""
+    daemon = daemon_factory()
+    for key, addrs in EDGE_SETUPS.items():
+        resp = daemon.client.put(quoted_path(*key), {"ips": addrs})
+        assert resp.status == 200, (key, resp.body)
+    for n, key in enumerate(REFUSED_KEYS):
+        resp = daemon.client.put(quoted_path(*key), {"ips": [f"198.18.13.{n + 2}/24"]})
+        assert resp.status == 400, (key, resp.body)
+        assert resp.is_json_error()
+    before = without_handles(nft_listing(daemon.ns))
+    daemon.kill(signal.SIGKILL)
+    shutil.rmtree(daemon.state_dir)
+    restart(daemon)
+
+    assert daemon.status()["adopted"] == {"attachments": len(EDGE_SETUPS), "unreadable": 0}
+    got = {
+        (a["network"], a["container_id"], a["ifname"]): a["ips"]
+        for a in daemon.client.attachments()
+    }
+    assert got == EDGE_SETUPS
+    assert without_handles(nft_listing(daemon.ns)) == before
 
 
 @pytest.mark.kernel

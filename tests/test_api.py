@@ -89,9 +89,7 @@ def test_put_answers_once_the_kernel_holds_the_attachment(
 
 def test_put_answers_with_canonical_ips(client: Client) -> None:
     body = ok(
-        client.put_attachment(
-            "canon", "c1", "eth0", ["2001:DB8:0:0::0011/64", "198.18.11.2/255.255.255.0"]
-        )
+        client.put_attachment("canon", "c1", "eth0", ["2001:DB8:0:0::0011/64", "198.18.11.2/24"])
     )
     assert body["ips"] == ["2001:db8::11/64", "198.18.11.2/24"]
     assert ok(client.get_attachment("canon", "c1", "eth0"))["ips"] == body["ips"]
@@ -396,6 +394,37 @@ BAD_REQUESTS: dict[str, tuple[str, str, bytes | None, tuple[int, ...]]] = {
     "broadcast": ("PUT", A, b'{"ips": ["255.255.255.255/32"]}', (400,)),
     "v4-mapped": ("PUT", A, b'{"ips": ["::ffff:198.18.30.2/96"]}', (400,)),
     "one good one bad": ("PUT", A, b'{"ips": ["198.18.30.2/24", "127.0.0.1/8"]}', (400,)),
+    "network address": ("PUT", A, b'{"ips": ["198.18.30.0/24"]}', (400,)),
+    "subnet broadcast": ("PUT", A, b'{"ips": ["198.18.30.255/24"]}', (400,)),
+    "v6 subnet-router anycast": ("PUT", A, b'{"ips": ["2001:db8:30::/64"]}', (400,)),
+    "zone": ("PUT", A, b'{"ips": ["2001:db8:30::2%eth0/64"]}', (400,)),
+    "netmask": ("PUT", A, b'{"ips": ["198.18.30.2/255.255.255.0"]}', (400,)),
+    "hostmask": ("PUT", A, b'{"ips": ["198.18.30.2/0.0.0.255"]}', (400,)),
+    # names that could not be read back from the element comment, or that print invisibly
+    "ifname ending in ~": (
+        "PUT",
+        "/v1/attachments/bad/c1/eth0~",
+        json.dumps(GOOD).encode(),
+        (400,),
+    ),
+    "zero-width space in ifname": (
+        "PUT",
+        "/v1/attachments/bad/c1/e%E2%80%8B0",
+        json.dumps(GOOD).encode(),
+        (400,),
+    ),
+    "right-to-left override in ifname": (
+        "PUT",
+        "/v1/attachments/bad/c1/e%E2%80%AE0",
+        json.dumps(GOOD).encode(),
+        (400,),
+    ),
+    "names over the comment's 128 bytes": (
+        "PUT",
+        "/v1/attachments/bad/" + "c" * 128 + "/eth0",
+        json.dumps(GOOD).encode(),
+        (400,),
+    ),
     # size
     "body over 64 KiB": (
         "PUT",
@@ -511,10 +540,12 @@ def test_stopping_leaves_the_table_and_a_restart_changes_nothing(
 
 
 @contextlib.asynccontextmanager
-async def api_on_fake(backend: FakeBackend) -> AsyncIterator[AsyncClient]:
-    """The real API app and reconciler over `backend`, on a Unix socket, with a short
-    apply timeout so that a refused change answers 503 quickly."""
-    state = DesiredState()
+async def api_on_fake(
+    backend: FakeBackend, state: DesiredState | None = None
+) -> AsyncIterator[AsyncClient]:
+    """The real API app and reconciler over `backend` (and `state`), on a Unix socket, with a
+    short apply timeout so that a refused change answers 503 quickly."""
+    state = DesiredState() if state is None else state
     metrics = Metrics()
     reconciler = Reconciler(
         state=state, backend=backend, table="masqd", policy=Policy(), metrics=metrics
@@ -559,3 +590,42 @@ async def test_a_change_the_kernel_refuses_answers_503_and_unready_until_it_reco
         assert "198.18.50.2" in backend.state().sets[SOURCES4]
         status, body = await client.put_attachment("n", "c2", "eth0", ["198.18.50.3/24"])
         assert status == 200, body
+
+
+async def test_over_max_attachments_the_507_states_the_configured_limit() -> None:
+    state = DesiredState(max_attachments=2)
+    async with api_on_fake(FakeBackend(), state) as client:
+        for n in (2, 3):
+            status, _ = await client.put_attachment("n", f"c{n}", "eth0", [f"198.18.51.{n}/24"])
+            assert status == 200
+        status, body = await client.put_attachment("n", "c4", "eth0", ["198.18.51.4/24"])
+        assert status == 507
+        assert "--max-attachments is 2" in body["error"], body
+        assert len(state) == 2
+
+
+async def test_an_attachment_journalled_before_the_naming_rules_keeps_working() -> None:
+    """A key accepted before the comment-length and '~' rules (as the journal replays it):
+    its IPs can be replaced, it is listed, kept by a GC that names it, and deleted."""
+    state = DesiredState()
+    long_key = ("n" * 64, "c" * 100, "eth0")  # 171 bytes as a comment
+    tilde_key = ("n", "c1", "eth0~")
+    state.load(long_key, ["198.18.52.2/24"])
+    state.load(tilde_key, ["198.18.52.3/24"])
+    async with api_on_fake(FakeBackend(), state) as client:
+        status, body = await client.put_attachment(*long_key, ["198.18.52.4/24"])
+        assert status == 200, body
+        # A new key of the same length is refused: it could not be adopted back.
+        status, body = await client.put_attachment("n" * 64, "d" * 100, "eth0", ["198.18.52.5/24"])
+        assert status == 400 and "128" in body["details"][0]["msg"], body
+        status, body = await client.request(
+            "POST",
+            "/v1/networks/n/gc",
+            {"valid_attachments": [{"container_id": "c1", "ifname": "eth0~"}]},
+        )
+        assert status == 200 and body["removed"] == [], body
+        status, body = await client.request("GET", "/v1/attachments/n/c1/eth0~")
+        assert status == 200 and body["ips"] == ["198.18.52.3/24"], body
+        status, body = await client.request("DELETE", "/v1/attachments/n/c1/eth0~")
+        assert status == 200 and body["deleted"] is True, body
+    assert state.get(long_key) is not None and state.get(tilde_key) is None

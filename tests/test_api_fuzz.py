@@ -340,15 +340,15 @@ def test_a_client_that_does_not_read_its_answer_is_cut_off(daemon_factory: Daemo
     the daemon drops it and the connection after the client timeout, instead of holding it
     for as long as the client likes."""
     limited = daemon_factory(extra_args=["--client-timeout", str(CLIENT_TIMEOUT)])
-    network = "n" * 64
+    network = "n" * 40
 
     async def fill() -> None:
         async with limited.async_client() as c:
-            for start in range(0, 6000, 500):
+            for start in range(0, 7500, 500):
                 puts = (
                     c.put_attachment(
                         network,
-                        f"c{i:0127d}",  # the longest container ID
+                        f"c{i:081d}",  # the longest that fits the 128-byte element comment
                         "eth0",
                         [f"198.18.{i // 250}.{i % 250 + 1}/16", f"2001:db8::{i + 1:x}/64"],
                     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,17 +15,21 @@ from pydantic import ValidationError
 
 from masqd.models import (
     CNI_NAME_PATTERN,
+    COMMENT_MAX_BYTES,
     MAX_CONTAINER_ID,
     MAX_NETWORK_NAME,
     Attachment,
     AttachmentKey,
+    AttachmentRef,
     AttachmentSpec,
     GcRequest,
     ValidAttachment,
+    comment_problem,
     key_problem,
     parse_ip,
     validation_details,
 )
+from masqd.ruleset import owner_comment, parse_owner_comment
 
 
 def key(network: str = "net1", container_id: str = "c1", ifname: str = "eth0") -> AttachmentKey:
@@ -32,22 +38,38 @@ def key(network: str = "net1", container_id: str = "c1", ifname: str = "eth0") -
 
 # ---- network names and container IDs ---------------------------------------------------
 
-GOOD_NAMES = ["a", "Z", "0", "net1", "my-net_2.x", "a" * 64, "1.2.3", "a--", "A.."]
-BAD_NAMES = [
-    "",
-    "-net",
-    ".net",
-    "_net",
-    "net/1",
-    "net 1",
-    " net",
-    "net\n",
-    "net:1",
-    "nét",
-    "net\x00",
-    "net%",
-    "ne*t",
-]
+# The name rules, shared with the Go plugin's tests (which read the same file).
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "names.json").read_text())
+# Either field takes the other's valid names: the rules are the same, only the length differs.
+GOOD_NAMES = [n for n in VECTORS["network"]["valid"] if len(n) <= MAX_NETWORK_NAME]
+BAD_NAMES = [n for n in VECTORS["network"]["invalid"] if len(n) <= MAX_NETWORK_NAME]
+
+
+@pytest.mark.parametrize(
+    ("field", "name", "valid"),
+    [
+        (field, name, valid)
+        for field in ("network", "container_id", "ifname")
+        for valid in (True, False)
+        for name in VECTORS[field]["valid" if valid else "invalid"]
+    ],
+)
+def test_shared_name_vectors(field: str, name: str, valid: bool) -> None:
+    parts = {"network": "n", "container_id": "c", "ifname": "eth0", field: name}
+    try:
+        AttachmentKey(**parts)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted == valid
+    assert (key_problem(**parts) is None) == valid
+
+
+def test_the_vectors_cover_every_invisible_character_in_interface_names() -> None:
+    for low, high in ((0x61C, 0x61C), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064),
+                      (0x2066, 0x2069), (0xFEFF, 0xFEFF)):  # fmt: skip
+        for code in range(low, high + 1):
+            assert f"e{chr(code)}0" in VECTORS["ifname"]["invalid"], hex(code)
 
 
 @pytest.mark.parametrize("name", GOOD_NAMES)
@@ -87,37 +109,8 @@ def test_a_network_name_is_valid_exactly_when_it_matches_the_cni_pattern(name: s
 
 # ---- interface names --------------------------------------------------------------------
 
-GOOD_IFNAMES = [
-    "eth0",
-    "a",
-    "x" * 15,
-    "eth0.100",
-    "veth-a_b",
-    "...",
-    ".a",
-    "a.",
-    "é" * 7,
-    "@",
-]
-BAD_IFNAMES = {
-    "empty": "",
-    "16 bytes": "x" * 16,
-    "16 bytes of 8 characters": "é" * 8,
-    "slash": "eth/0",
-    "colon": "eth0:1",
-    "space": "eth 0",
-    "tab": "eth\t0",
-    "newline": "eth0\n",
-    "vertical tab": "e\x0b",
-    "unicode space": "eth\u20280",
-    "no-break space": "eth\xa00",
-    "dot": ".",
-    "dot dot": "..",
-    "nul": "eth\x000",
-    "control character": "\x01",
-    "double quote": 'a"b',
-    "backslash": "a\\b",
-}
+GOOD_IFNAMES = VECTORS["ifname"]["valid"]
+BAD_IFNAMES = {repr(name): name for name in VECTORS["ifname"]["invalid"]}
 
 
 @pytest.mark.parametrize("ifname", GOOD_IFNAMES)
@@ -129,11 +122,48 @@ def test_linux_interface_names_are_accepted(ifname: str) -> None:
 def test_bad_interface_names_are_refused(ifname: str) -> None:
     with pytest.raises(ValidationError):
         key(ifname=ifname)
-    with pytest.raises(ValidationError):
-        ValidAttachment(container_id="c1", ifname=ifname)
+    if _recorded_ifname_ok(ifname):
+        # Accepted before the newer rules: such an attachment can still be named.
+        assert ValidAttachment(container_id="c1", ifname=ifname).ifname == ifname
+        assert AttachmentRef(network="n", container_id="c", ifname=ifname).ifname == ifname
+        assert key_problem("n", "c", ifname, recorded=True) is None
+    else:
+        with pytest.raises(ValidationError):
+            ValidAttachment(container_id="c1", ifname=ifname)
+        assert key_problem("n", "c", ifname, recorded=True) is not None
 
 
-def _ifname_ok(name: str) -> bool:
+def test_names_refused_only_by_the_newer_rules_still_name_an_attachment() -> None:
+    for ifname in ("eth0~", "e\u200b0", "e\u202e0"):
+        assert not _ifname_ok(ifname) and _recorded_ifname_ok(ifname)
+        with pytest.raises(ValidationError, match=r"'~'|bidirectional"):
+            key(ifname=ifname)
+
+
+@pytest.mark.parametrize(
+    ("network", "container_id", "ifname", "fits"),
+    [
+        ("n" * 64, "c" * 48, "x" * 14, True),  # 64 + 1 + 48 + 1 + 14 = 128 bytes
+        ("n" * 64, "c" * 48, "x" * 15, False),  # 129
+        ("n" * 63, "c" * 49, "\u00e9" * 7, True),  # 128 bytes, 121 characters
+        ("n" * 64, "c" * 49, "\u00e9" * 7, False),  # 129 bytes
+        ("net", "c" * 128, "eth0", False),
+        ("podman", "0123456789abcdef" * 4, "eth0", True),  # the usual shape: 76 bytes
+    ],
+)
+def test_a_new_key_must_fit_the_element_comment(
+    network: str, container_id: str, ifname: str, fits: bool
+) -> None:
+    key(network, container_id, ifname)  # a valid key either way
+    problem = comment_problem(network, container_id, ifname)
+    assert (problem is None) == fits
+    comment = owner_comment(network, container_id, ifname)
+    assert (parse_owner_comment(comment) == (network, container_id, ifname)) == fits
+    if not fits:
+        assert problem is not None and f"at most {COMMENT_MAX_BYTES}" in problem
+
+
+def _recorded_ifname_ok(name: str) -> bool:
     """The kernel's rules, plus no quote, backslash or control character (see models)."""
     return (
         1 <= len(name.encode()) <= 15
@@ -142,8 +172,21 @@ def _ifname_ok(name: str) -> bool:
     )
 
 
+_INVISIBLE = {0x61C, *range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2065),
+              *range(0x2066, 0x206A), 0xFEFF}  # fmt: skip
+
+
+def _ifname_ok(name: str) -> bool:
+    """The recorded rules, no bidirectional or zero-width character, no trailing '~'."""
+    return (
+        _recorded_ifname_ok(name)
+        and not any(ord(c) in _INVISIBLE for c in name)
+        and not name.endswith("~")
+    )
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=20))
+@given(st.one_of(st.text(max_size=20), st.text(alphabet="ab~\u200b\u202e\ufeff", max_size=6)))
 def test_an_interface_name_is_valid_exactly_by_the_documented_rules(name: str) -> None:
     try:
         key(ifname=name)
@@ -176,7 +219,11 @@ CANONICAL = {
     "198.18.1.2/32": "198.18.1.2/32",
     "2001:DB8:0:0::0005/64": "2001:db8::5/64",
     "fd00:22::5/64": "fd00:22::5/64",
-    "10.22.0.5/255.255.0.0": "10.22.0.5/16",
+    "198.18.1.0/31": "198.18.1.0/31",
+    "198.18.1.1/31": "198.18.1.1/31",
+    "2001:db8::/127": "2001:db8::/127",
+    "198.18.1.255/16": "198.18.1.255/16",
+    "198.18.1.0/16": "198.18.1.0/16",
     "2001:db8::1/128": "2001:db8::1/128",
     "100.64.0.1/10": "100.64.0.1/10",
 }
@@ -207,6 +254,16 @@ BAD_IPS = {
     "broadcast": "255.255.255.255/32",
     "v4-mapped": "::ffff:10.22.0.5/96",
     "v4-compatible": "::10.22.0.5/96",
+    "network address /24": "198.18.1.0/24",
+    "broadcast /24": "198.18.1.255/24",
+    "network address /30": "198.18.1.4/30",
+    "broadcast /30": "198.18.1.7/30",
+    "v6 subnet-router anycast": "2001:db8:1::/64",
+    "zone on a global address": "2001:db8::5%eth0/64",
+    "zone v4": "198.18.1.2%eth0/24",
+    "netmask": "10.22.0.5/255.255.0.0",
+    "hostmask": "10.22.0.5/0.0.255.255",
+    "v6 prefix with a sign": "2001:db8::5/+64",
 }
 
 
@@ -316,6 +373,7 @@ def unicast_interfaces(draw: st.DrawFn) -> str:
 @given(unicast_interfaces())
 def test_an_ip_is_accepted_exactly_when_it_is_plain_unicast(ip: str) -> None:
     addr = ipaddress.ip_interface(ip).ip
+    net = ipaddress.ip_interface(ip).network
     refused = (
         addr.is_multicast
         or addr.is_loopback
@@ -325,6 +383,9 @@ def test_an_ip_is_accepted_exactly_when_it_is_plain_unicast(ip: str) -> None:
         or (isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None)
         # IPv4-compatible (::a.b.c.d), deprecated: nft prints it unlike Python.
         or (isinstance(addr, ipaddress.IPv6Address) and int(addr) >> 32 == 0)
+        # a subnet's own address, and IPv4's broadcast, except on /31, /32, /127, /128
+        or (net.prefixlen < net.max_prefixlen - 1 and addr == net.network_address)
+        or (net.version == 4 and net.prefixlen < 31 and addr == net.broadcast_address)
     )
     try:
         canonical = parse_ip(ip)

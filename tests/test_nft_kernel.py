@@ -627,3 +627,22 @@ async def test_a_big_transaction_goes_in_batches_that_make_the_whole_table(
     assert applied.commits == 6  # ceil(40 / 7) batches
     assert applied.generation == before + 6 and applied.exclusive_since(before)
     assert kernel.dump() == dump_table(desired(state))
+
+
+@pytest.mark.parametrize("char", ["a", "\u00e9"], ids=["ascii", "two-byte"])
+def test_the_element_comment_limit_is_what_masqd_assumes(ns: str, char: str) -> None:
+    """`nft` takes an element comment of COMMENT_MAX_BYTES bytes (the NUL not counted) and
+    refuses one byte more: the limit that `models.comment_problem` holds new keys to, so
+    that a table masqd wrote can be dumped and restored with `nft -f`."""
+    nft(ns, "add", "table", "inet", "t")
+    nft(ns, "add", "set", "inet", "t", "s", "{ type ipv4_addr; }")
+    width = len(char.encode())
+    fits = char * (ruleset.COMMENT_MAX_BYTES // width)
+    nft(ns, "add", "element", "inet", "t", "s", f'{{ 198.18.0.2 comment "{fits}" }}')
+    over = fits + "a" * (ruleset.COMMENT_MAX_BYTES + 1 - len(fits.encode()))
+    refused = nft(ns, "add", "element", "inet", "t", "s", f'{{ 198.18.0.3 comment "{over}" }}',
+                  check=False)  # fmt: skip
+    assert refused.returncode != 0 and "comment too long" in refused.stderr
+    listed = json.loads(nft(ns, "-j", "list", "set", "inet", "t", "s").stdout)["nftables"]
+    (elem,) = [e for o in listed if "set" in o for e in o["set"]["elem"]]
+    assert elem["elem"]["comment"] == fits

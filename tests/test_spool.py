@@ -162,10 +162,49 @@ def test_remove_and_cancel_are_idempotent(tmp_path: Path) -> None:
 
 def test_ensure_spool_dir_makes_the_directory_private(tmp_path: Path) -> None:
     directory = tmp_path / "spool"
-    directory.mkdir(mode=0o777)
-    os.chmod(directory, 0o777)
     spool.ensure_spool_dir(str(directory))
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    os.chmod(directory, 0o755)  # ours, readable by others: tightened
+    spool.ensure_spool_dir(str(directory))
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
+def test_a_spool_others_could_write_is_refused_not_fixed(tmp_path: Path, mode: int) -> None:
+    directory = tmp_path / "spool"
+    spool.spool_delete(str(directory), "n", "c", "eth0")
+    os.chmod(directory, mode)
+    with pytest.raises(spool.UnsafeSpool, match="lets others write it"):
+        spool.ensure_spool_dir(str(directory))
+    with pytest.raises(spool.UnsafeSpool, match="nothing in it is applied"):
+        spool.read_spooled_deletes(str(directory))
+    assert stat.S_IMODE(os.stat(directory).st_mode) == mode
+    assert len(os.listdir(directory)) == 1
+
+
+def test_a_symlinked_spool_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    spool.spool_delete(str(target), "n", "c", "eth0")
+    os.chmod(target, 0o755)
+    (tmp_path / "spool").symlink_to(target)
+    for call in (spool.ensure_spool_dir, spool.read_spooled_deletes):
+        with pytest.raises(spool.UnsafeSpool, match="symbolic link"):
+            call(str(tmp_path / "spool"))
+    with pytest.raises(spool.UnsafeSpool, match="symbolic link"):
+        spool.remove(str(tmp_path / "spool" / spool.entry_name("n", "c", "eth0")))
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
+    assert os.listdir(target) == [spool.entry_name("n", "c", "eth0")]
+
+
+@pytest.mark.kernel  # needs root, to give the directory away
+def test_a_spool_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool.spool_delete(str(directory), "n", "c", "eth0")
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(spool.UnsafeSpool, match="owned by uid 65534"):
+        spool.read_spooled_deletes(str(directory))
+    with pytest.raises(spool.UnsafeSpool, match="owned by uid 65534"):
+        spool.ensure_spool_dir(str(directory))
 
 
 def test_plugin_and_daemon_agree_on_where_the_spool_is() -> None:

@@ -125,7 +125,7 @@ def test_capacity_is_enforced_for_new_attachments_only() -> None:
     state.put(A, ["198.18.1.2/24"])
     state.put(B, ["198.18.1.3/24"])
     version = state.version
-    with pytest.raises(CapacityExceeded):
+    with pytest.raises(CapacityExceeded, match="--max-attachments is 2"):
         state.put(C, ["198.18.2.2/24"])
     assert set(state.attachments) == {A, B} and state.version == version
     assert "198.18.2.2" not in state.elements[SOURCES4]
@@ -258,3 +258,19 @@ OwnerIndexMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None
 )
 TestOwnerIndex = OwnerIndexMachine.TestCase
+
+
+def test_keys_journalled_before_the_newer_naming_rules_replay(tmp_path: Path) -> None:
+    """A long key (its comment would be cut) and an ifname ending in '~' were accepted before
+    those rules: a restart must keep them, not drop them as invalid."""
+    journal = Journal(tmp_path)
+    state = DesiredState(journal=journal)
+    long_key = ("n" * 64, "c" * 128, "eth0")
+    tilde_key = ("net", "ctr", "eth0~")
+    state.put(long_key, ["198.18.1.2/24"])
+    state.put(tilde_key, ["198.18.1.3/24"])
+    journal.write_pending(journal.take_pending())
+    journal.close()
+    replayed = DesiredState()
+    assert replayed.replay(Journal(tmp_path).load().entries) == []
+    assert set(replayed.attachments) == {long_key, tilde_key}

@@ -66,7 +66,7 @@ def test_a_second_daemon_on_one_state_directory_refuses_to_start(
     assert second.proc.wait(timeout=30) == 1
     log = second.log_path.read_text()
     assert first.proc is not None
-    errors = [line for line in log.splitlines() if " ERROR " in line]
+    errors = [line for line in log.splitlines() if "cannot start: " in line]
     assert len(errors) == 1, log
     assert f"is in use by another masqd (pid {first.proc.pid}," in errors[0]
     assert "Traceback" not in log

@@ -24,7 +24,6 @@ from masqd import ruleset
 from masqd.nft import KernelBackend, NftError
 from masqd.ruleset import CHAIN, FIXED_SETS
 from tests.conftest import DaemonFactory
-from tests.netns import nft
 from tests.test_resilience import without_handles
 
 pytestmark = pytest.mark.kernel
