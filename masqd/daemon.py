@@ -265,13 +265,13 @@ class Daemon:
         }
 
     async def run(self) -> None:
-        # Before anything opens a socket: the nftables sockets must get low descriptor
-        # numbers (see nft.LibNftables), and the listeners' caps must fit the limit.
+        # Before any listener: the nftables sockets must get low descriptor numbers (see
+        # nft.LibNftables), and the listeners' caps must fit the descriptor limit.
+        if isinstance(self.backend, KernelBackend):
+            await self.backend.open()
         guard, caps = fdlimit.prepare(
             api=self.config.max_connections, metrics=self.config.metrics_max_connections
         )
-        if isinstance(self.backend, KernelBackend):
-            await self.backend.open()
         os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
         tune_allocator()
         # Replaying 100,000 attachments allocates a million long-lived objects: collecting

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# Descriptors the daemon itself may need beyond its connections at any moment: the journal
-# and its compaction (3), netlink sockets (4 per thread), the event socket, a child process's
-# pipes (3), the log, plus Python's own and the libraries'. 64 leaves room to spare.
-RESERVE = 64
+# Descriptors kept free beyond the connections: what the daemon itself may open at any moment
+# (the journal and its compaction, a child process's pipes, the libraries' own: about 10),
+# plus the connections a burst brings in before the caps are checked (server.ACCEPT_BURST
+# per loop turn, and those refused, until their close in a later turn).
+RESERVE = 128
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,10 @@ from masqd.models import ErrorBody
 
 log = logging.getLogger(__name__)
 
+# Connections accepted per loop turn: what a burst can take beyond the caps before they are
+# checked (well inside fdlimit.RESERVE).
+ACCEPT_BURST = 16
+
 
 class LimitedSockSite(web.SockSite):
     """The API's (and the metrics port's) SockSite: it answers 503 and closes when
@@ -83,7 +87,12 @@ class LimitedSockSite(web.SockSite):
             self._live.add(handler)
             return handler
 
-        self._server = await loop.create_server(protocol, sock=self._sock, backlog=self._backlog)
+        # asyncio accepts up to `backlog` connections in one loop turn before any of them
+        # reaches `protocol` (so before any cap or descriptor check): a burst of SOMAXCONN
+        # connects would take SOMAXCONN descriptors at once. So it is given ACCEPT_BURST, and
+        # the kernel's queue is set back to the full backlog right after.
+        self._server = await loop.create_server(protocol, sock=self._sock, backlog=ACCEPT_BURST)
+        self._sock.listen(self._backlog)
 
 
 class _JsonErrorHandler(RequestHandler):

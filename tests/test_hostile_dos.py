@@ -10,17 +10,20 @@ beyond the caps. `tests/flood.py` holds the connections; the metrics flood runs 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from masqd.fdlimit import RESERVE
 from tests.conftest import DaemonFactory
-from tests.daemon import MasqdProcess, set_elements
+from tests.daemon import MasqdProcess, set_elements, short_workdir
 from tests.flood import SYSTEM_PYTHON, Flood
-from tests.netns import nft
+from tests.netns import netns, nft
 
 pytestmark = [
     pytest.mark.kernel,
@@ -50,6 +53,26 @@ def _descriptors(daemon: MasqdProcess) -> int:
 def _metrics_target(daemon: MasqdProcess) -> list[str]:
     host, _, port = daemon.status()["metrics_address"].rpartition(":")
     return ["tcp", host, port]
+
+
+FULL_SYNCS = 'masqd_sync_duration_seconds_count{kind="full"}'
+FAILURES = "masqd_sync_failures_total"
+
+
+def _scrape(daemon: MasqdProcess, target: list[str]) -> dict[str, float]:
+    """The metrics port's samples, fetched from inside the daemon's namespace."""
+    url = f"http://{target[1]}:{target[2]}/metrics"
+    scrape = subprocess.run(
+        ["ip", "netns", "exec", daemon.ns, "curl", "-sf", "--max-time", "10", url],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert scrape.returncode == 0, scrape.stderr
+    samples = {}
+    for line in scrape.stdout.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def _alive(daemon: MasqdProcess) -> None:
@@ -139,12 +162,84 @@ def test_idle_and_slow_metrics_connections_are_capped_and_closed_after_the_clien
         )
         _alive(daemon)
     # The port still serves a scrape once the flood is gone.
-    scrape = subprocess.run(
-        ["ip", "netns", "exec", daemon.ns, "curl", "-sf", "--max-time", "10",
-         f"http://{target[1]}:{target[2]}/metrics"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert scrape.returncode == 0 and "masqd_" in scrape.stdout, scrape.stderr
+    assert "masqd_attachments" in _scrape(daemon, target)
     record_property("capped_seconds", round(capped, 3))
     record_property("closed_seconds", round(closed, 3))
     print(f"metrics: capped in {capped:.2f} s, all closed {closed:.2f} s after that")
+
+
+class _LimitedMasqd(MasqdProcess):
+    """masqd started under `prlimit --nofile=SOFT:HARD` (prlimit and `ip netns exec` both
+    exec, so the pid is the daemon's)."""
+
+    nofile = "1024:1024"
+
+    def argv(self) -> list[str]:
+        return ["prlimit", f"--nofile={self.nofile}", "--", *super().argv()]
+
+
+@contextlib.contextmanager
+def _limited_masqd(nofile: str, *, extra_args: list[str]) -> Iterator[MasqdProcess]:
+    with netns("fd") as ns:
+        daemon = _LimitedMasqd(
+            ns=ns, workdir=short_workdir(), resync_interval=1.0, extra_args=extra_args
+        )
+        daemon.nofile = nofile
+        try:
+            daemon.start()
+            yield daemon
+        finally:
+            daemon.close()
+
+
+def _soft_nofile(daemon: MasqdProcess) -> int:
+    assert daemon.proc is not None
+    for line in Path(f"/proc/{daemon.proc.pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+def test_start_up_raises_the_soft_descriptor_limit_to_the_hard_one() -> None:
+    with _limited_masqd("1024:8192", extra_args=[]) as daemon:
+        assert _soft_nofile(daemon) == 8192
+        assert "descriptor limit raised from 1024 to 8192" in daemon.log_path.read_text()
+
+
+def test_under_a_tight_descriptor_limit_the_caps_shrink_and_the_kernel_path_keeps_working(
+    record_property: Callable[[str, object], None],
+) -> None:
+    # 300 descriptors cannot hold the default 1,024 API and 64 metrics connections: the caps
+    # are cut so that RESERVE stay free, and a flood beyond them is answered 503.
+    with _limited_masqd("300:300", extra_args=["--client-timeout", "120"]) as daemon:
+        assert "does not fit" in daemon.log_path.read_text(), daemon.log_tail()
+        assert daemon.client.put_attachment("net", "ctr1", "eth0", ["198.18.61.2/24"]).status == 200
+        metrics = _metrics_target(daemon)
+        log_lines = len(daemon.log_path.read_text().splitlines())
+        with Flood(["unix", daemon.socket], 400) as flood:
+            assert flood.opened == 400
+            # Beyond the cut cap, connections are answered 503 and closed.
+            _wait_for("the flood down to the cap", lambda: flood.count() <= 300 - RESERVE, 30)
+            held = flood.count()
+            nft(daemon.ns, "flush", "set", "inet", "masqd", "sources4")
+            repair = _wait_for(
+                "flushed set repaired",
+                lambda: "198.18.61.2" in set_elements(daemon.ns, "sources4"),
+                timeout=30,
+            )
+            # Full resyncs go on without failing, though every connection slot is taken:
+            # read from the metrics counters, since the API is full.
+            before = _scrape(daemon, metrics)
+            _wait_for(
+                "two more full resyncs",
+                lambda: _scrape(daemon, metrics)[FULL_SYNCS] >= before[FULL_SYNCS] + 2,
+                timeout=30,
+            )
+            _alive(daemon)
+            assert _scrape(daemon, metrics)[FAILURES] == 0
+        log = daemon.log_path.read_text()
+        assert len(log.splitlines()) - log_lines < 20, daemon.log_tail(60)
+        assert "Too many open files" not in log, daemon.log_tail(60)
+    record_property("connections_held", held)
+    record_property("repair_seconds", round(repair, 3))
+    print(f"nofile 300: {held} of 400 API connections held, repair {repair:.2f} s")
