@@ -130,9 +130,9 @@ def test_a_descriptor_flood_neither_aborts_the_daemon_nor_stops_setups_and_repai
             timeout=30,
         )
         # Figures for docs/operating.md (recorded, not asserted: they depend on the machine).
-        flooded_p50 = _put_p50(daemon)
+        flooded_p50 = _put_p50(daemon, "flooded")
         rss_flooded = _rss_mib(daemon)
-    quiet_p50 = _put_p50(daemon)
+    quiet_p50 = _put_p50(daemon, "quiet")
 
     figures = {
         "daemon_descriptors": held,
@@ -149,13 +149,13 @@ def test_a_descriptor_flood_neither_aborts_the_daemon_nor_stops_setups_and_repai
     print("flood:", figures)
 
 
-def _put_p50(daemon: MasqdProcess, n: int = 21) -> float:
-    """Median seconds of `n` setups (each on a fresh connection, as the CNI plugin does)."""
+def _put_p50(daemon: MasqdProcess, name: str, n: int = 21) -> float:
+    """Median seconds of `n` new setups (each on a fresh connection, as the CNI plugin does)."""
     times = []
     for i in range(n):
         started = time.monotonic()
         response = daemon.client.put_attachment(
-            "net", f"p50-{i}", "eth0", [f"198.18.62.{i + 2}/24"]
+            "net", f"{name}-{i}", "eth0", [f"198.18.{62 + i // 200}.{i % 200 + 2}/24"]
         )
         times.append(time.monotonic() - started)
         assert response.status == 200, response.body
