@@ -75,3 +75,19 @@ def test_the_guard_says_low_within_the_reserve_of_the_limit() -> None:
     first_low, threshold, at_limit = _run(program, 256, 256)  # type: ignore[misc]
     assert first_low == threshold
     assert at_limit is True
+
+
+def test_the_systemd_unit_gives_the_default_caps_their_descriptors() -> None:
+    from masqd.config import DaemonConfig
+    from tests.test_deploy import SYSTEMD, unit_directives
+
+    (limit,) = unit_directives(SYSTEMD / "masqd.service")["Service.LimitNOFILE"]
+    defaults = DaemonConfig()
+    # 50 in use at start-up is generous: a started daemon holds about 15.
+    budget = fit_caps(
+        soft=int(limit),
+        in_use=50,
+        api=defaults.max_connections,
+        metrics=defaults.metrics_max_connections,
+    )
+    assert not budget.cut
