@@ -116,6 +116,9 @@ class DaemonConfig(BaseModel):
     # No client may exhaust the daemon: open connections, and time to send a request.
     max_connections: int = Field(default=1024, ge=1, le=1_000_000)
     client_timeout: float = Field(default=10.0, gt=0, le=3600)
+    # The metrics port is reachable from the node's network (every pod, in Kubernetes): a
+    # scraper or two and the probes need a handful of connections.
+    metrics_max_connections: int = Field(default=64, ge=1, le=1_000_000)
     nft_runner: Literal["lib", "cli"] = "lib"
     adopt_cni_plugins_rules: bool = False
     # The policy: destinations never masqueraded, and the masquerade's port selection.
@@ -444,11 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="API connections open at once; beyond, 503 and close (default 1024)",
     )
     p.add_argument(
+        "--metrics-max-connections",
+        type=int,
+        metavar="N",
+        help="metrics connections open at once; beyond, 503 and close (default 64)",
+    )
+    p.add_argument(
         "--client-timeout",
         type=float,
         metavar="SECONDS",
         help="time a client has to send its request, and to read the response; idle time "
-        "before a kept-alive connection is closed (default 10)",
+        "before a kept-alive connection is closed; API and metrics port (default 10)",
     )
     p.add_argument(
         "--nft-runner",

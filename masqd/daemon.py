@@ -38,7 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
-from masqd import __version__, adopt, paths, plan, spool
+from masqd import __version__, adopt, fdlimit, logrepeat, paths, plan, spool
 from masqd.activation import listen_fds, unix_listener
 from masqd.api import AccessPolicy, ApiContext, build_app
 from masqd.config import (
@@ -312,6 +312,13 @@ class Daemon:
             self.lock.release()
 
     async def _run_locked(self) -> None:
+        # Before any listener: the nftables sockets must get low descriptor numbers (see
+        # nft.LibNftables), and the listeners' caps must fit the descriptor limit.
+        if isinstance(self.backend, KernelBackend):
+            await self.backend.open()
+        guard, caps = fdlimit.prepare(
+            api=self.config.max_connections, metrics=self.config.metrics_max_connections
+        )
         tune_allocator()
         # Replaying 100,000 attachments allocates a million long-lived objects: collecting
         # while they are made cost half the load time, and freezing them afterwards keeps
@@ -346,13 +353,14 @@ class Daemon:
         )
         api_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=2.0)
         await api_runner.setup()
-        metrics_runner = await self._start_metrics()
+        metrics_runner = await self._start_metrics(caps.metrics, guard)
         try:
             await LimitedSockSite(
                 api_runner,
                 self.open_api_socket(),
-                max_connections=self.config.max_connections,
+                max_connections=caps.api,
                 send_timeout=self.config.client_timeout,
+                guard=guard,
             ).start()
             await self.subscribe_events()
             async with asyncio.TaskGroup() as tasks:
@@ -431,11 +439,18 @@ class Daemon:
         except OSError as exc:
             log.warning("cannot remove %s from the DEL spool: %s", path, exc)
 
-    async def _start_metrics(self) -> web.AppRunner | None:
+    async def _start_metrics(
+        self, max_connections: int, guard: fdlimit.Guard
+    ) -> web.AppRunner | None:
         if not self.config.metrics_listen:
             return None
         runner, self.metrics_address = await serve_metrics(
-            self.metrics, self.config.metrics_listen, ready=lambda: self.reconciler.ready
+            self.metrics,
+            self.config.metrics_listen,
+            ready=lambda: self.reconciler.ready,
+            max_connections=max_connections,
+            client_timeout=self.config.client_timeout,
+            guard=guard,
         )
         log.info("metrics on http://%s/metrics", self.metrics_address)
         return runner
@@ -533,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # A fault that repeats must not flood the log (see logrepeat).
+    logrepeat.install()
     # pyroute2 logs every netlink message at debug: far too much even for our debug.
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     if os.geteuid() != 0:

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import ctypes
 import ctypes.util
+import functools
 import json
 import logging
 import os
@@ -125,29 +126,50 @@ class Runner(Protocol):
         Raises NftError."""
         ...
 
+    def release_cache(self) -> None:
+        """Give back what the runner keeps between commands; it stays usable."""
+        ...
+
     def close(self) -> None: ...
 
 
+@functools.cache
+def _libnftables() -> ctypes.CDLL:
+    """The library, found and loaded once per process: `find_library` runs `ldconfig` and
+    makes temporary files, which a daemon short of descriptors cannot do."""
+    path = ctypes.util.find_library("nftables") or "libnftables.so.1"
+    lib = ctypes.CDLL(path, use_errno=True)
+    lib.nft_ctx_new.restype = ctypes.c_void_p
+    lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+    lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+    return lib
+
+
 class LibNftables:
-    """libnftables through ctypes: no process start, JSON in and out."""
+    """libnftables through ctypes: no process start, JSON in and out.
+
+    A context opens its netlink socket when it is made, and libnftables 1.0.6 waits on that
+    socket with select(): a context made while the process holds more than 1,024 descriptors
+    aborts the process (glibc's FD_SETSIZE check). So a context is made once, early, and
+    kept: `release_cache` gives back what its cache holds without closing the socket.
+    """
 
     _OUTPUT_JSON = 1 << 4
+    # Not a command: parsing fails in user space, nothing reaches the kernel, and libnftables
+    # frees its cache after any failed command.
+    _RELEASE_CACHE = b'{"nftables": [{"masqd-release-cache": null}]}'
 
     def __init__(self) -> None:
-        path = ctypes.util.find_library("nftables") or "libnftables.so.1"
-        lib = ctypes.CDLL(path, use_errno=True)
-        lib.nft_ctx_new.restype = ctypes.c_void_p
-        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
-        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        lib = _libnftables()
         self._lib = lib
         self._ctx = lib.nft_ctx_new(0)
         if not self._ctx:
@@ -164,6 +186,13 @@ class LibNftables:
         if rc != 0:
             raise NftError(err.strip() or f"libnftables returned {rc}")
         return out
+
+    def release_cache(self) -> None:
+        """Free the context's cache (every element listed or added, in C) and keep the
+        context and its socket."""
+        self._lib.nft_run_cmd_from_buffer(self._ctx, self._RELEASE_CACHE)
+        self._lib.nft_ctx_get_output_buffer(self._ctx)
+        self._lib.nft_ctx_get_error_buffer(self._ctx)  # empties the buffer of the parse error
 
     def close(self) -> None:
         if self._ctx:
@@ -187,6 +216,9 @@ class NftCli:
             stderr = proc.stderr.decode(errors="replace").strip()
             raise NftError(stderr or f"nft exited {proc.returncode}")
         return proc.stdout.decode()
+
+    def release_cache(self) -> None:
+        pass  # each run is a process of its own
 
     def close(self) -> None:
         pass
@@ -257,12 +289,18 @@ def enter_netns(path: str) -> None:
 
 
 class _Channel:
-    """A runner and a generation reader, used from one thread only."""
+    """A runner and a generation reader, used from one thread only, kept for the backend's
+    life: their sockets are opened by `open` at start-up, while descriptor numbers are low
+    (see `LibNftables`), and never again."""
 
     def __init__(self, runner_kind: str) -> None:
         self._runner_kind = runner_kind
         self._runner: Runner | None = None
         self._gen: GenerationReader | None = None
+
+    def open(self) -> None:
+        self.runner  # noqa: B018 - made for its socket
+        self.gen  # noqa: B018
 
     @property
     def runner(self) -> Runner:
@@ -276,11 +314,10 @@ class _Channel:
             self._gen = GenerationReader()
         return self._gen
 
-    def drop_runner(self) -> None:
-        """Free the runner (and libnftables' cache with it) and the heap it used."""
+    def release_cache(self) -> None:
+        """Free libnftables' cache and the heap it used; the context stays."""
         if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+            self._runner.release_cache()
         release_heap()
 
     def close(self) -> None:
@@ -318,6 +355,15 @@ class KernelBackend:
         if self._netns:
             enter_netns(self._netns)
 
+    async def open(self) -> None:
+        """Open every netlink socket the backend will use (libnftables contexts, generation
+        readers), on the threads that use them. Call it at start-up, before any listener
+        accepts: the sockets then get low descriptor numbers, which libnftables' select()
+        needs (see `LibNftables`); otherwise they are opened on first use."""
+        await self._call(lambda ch: ch.open())
+        if self._inline is not None:
+            self._inline.open()
+
     async def _call(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args, self._worker)
@@ -344,8 +390,8 @@ class KernelBackend:
                 break
         # libnftables keeps what it listed in its context's cache: every element, in C, for
         # as long as the context lives (about 250 MiB for 400,000 elements). Nothing later
-        # needs it, so start the next command from a fresh context.
-        ch.drop_runner()
+        # needs it.
+        ch.release_cache()
         self._stage("listed")
         try:
             listing = json.loads(out)["nftables"] if out.strip() else []
@@ -363,8 +409,8 @@ class KernelBackend:
         before = ch.gen.read()
         big = tx.recreate or tx.element_changes > BIG_TRANSACTION
         batches = 0
-        # Big transactions go in batches of BATCH_ELEMENTS (see Transaction.batches), each
-        # with a fresh libnftables context, so that its memory is given back in between.
+        # Big transactions go in batches of BATCH_ELEMENTS (see Transaction.batches), with
+        # libnftables' cache released after each, so that its memory is given back between.
         for payload in tx.batches(BATCH_ELEMENTS):
             self._stage("commit")
             try:
@@ -372,7 +418,7 @@ class KernelBackend:
             finally:
                 if big:
                     del payload  # before trimming the heap
-                    ch.drop_runner()
+                    ch.release_cache()
             batches += 1
         return Applied(ch.gen.read(), before, batches)
 

@@ -3,7 +3,8 @@
 aiohttp refuses some requests before any middleware sees them (a malformed request line, an
 oversized header, a bad Content-Length); here they get the API's JSON error shape, logged at
 debug only, since a client's malformed request must not be a way to flood the daemon's log.
-A connection beyond `max_connections` gets one 503 and is closed unread, and a client that
+A connection beyond `max_connections`, or accepted while the daemon is within its reserve of
+free descriptors (`fdlimit.Guard`), gets one 503 and is closed unread, and a client that
 does not read its response within `send_timeout` is cut off (without that, every connection
 could hold a 20 MiB listing in the daemon's memory for as long as it liked).
 """
@@ -13,23 +14,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import weakref
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from masqd.api import error
+from masqd.fdlimit import Guard
 from masqd.models import ErrorBody
 
 log = logging.getLogger(__name__)
 
+# Connections accepted per loop turn: what a burst can take beyond the caps before they are
+# checked (well inside fdlimit.RESERVE).
+ACCEPT_BURST = 16
+
 
 class LimitedSockSite(web.SockSite):
-    """The API's SockSite: it answers 503 and closes when `max_connections` are already open,
-    and serves each connection with `_JsonErrorHandler`.
+    """The API's (and the metrics port's) SockSite: it answers 503 and closes when
+    `max_connections` are already open or `guard` says descriptors are short, and serves
+    each connection with `_JsonErrorHandler`.
 
-    Connections are counted at accept time from the server's registered ones, so a burst of
-    accepts in one loop turn can overshoot by at most the listen backlog.
+    Connections are counted from the handlers made here until their connection is lost:
+    asyncio accepts a whole burst (up to the backlog) in one loop turn before any handler is
+    told its connection is made, so aiohttp's own registry would let a burst overshoot.
     """
 
     def __init__(
@@ -39,6 +48,7 @@ class LimitedSockSite(web.SockSite):
         *,
         max_connections: int,
         send_timeout: float,
+        guard: Guard | None = None,
     ) -> None:
         # asyncio listens on the socket again with this backlog (a passed one too). aiohttp's
         # default of 128 is too short: a runtime starting hundreds of containers at once
@@ -48,7 +58,10 @@ class LimitedSockSite(web.SockSite):
         super().__init__(runner, sock, backlog=socket.SOMAXCONN)
         self.max_connections = max_connections
         self.send_timeout = send_timeout
+        self.guard = guard
         self.refused = 0
+        # Weak: a handler asyncio made but never connected (its transport failed) drops out.
+        self._live: weakref.WeakSet[_JsonErrorHandler] = weakref.WeakSet()
 
     async def start(self) -> None:
         await super(web.SockSite, self).start()  # registers the site with its runner
@@ -60,14 +73,26 @@ class LimitedSockSite(web.SockSite):
         handler_args: dict[str, Any] = dict(server._kwargs)
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) >= self.max_connections:
+            if len(self._live) >= self.max_connections:
                 self.refused += 1
-                return _Refused(self.max_connections)
+                return _Refused(
+                    f"too many connections: {self.max_connections} are open, the configured maximum"
+                )
+            if self.guard is not None and self.guard.low():
+                self.refused += 1
+                return _Refused("the daemon is short of file descriptors; try again")
             handler = _JsonErrorHandler(server, loop=loop, **handler_args)
             handler.send_timeout = self.send_timeout
+            handler.live = self._live
+            self._live.add(handler)
             return handler
 
-        self._server = await loop.create_server(protocol, sock=self._sock, backlog=self._backlog)
+        # asyncio accepts up to `backlog` connections in one loop turn before any of them
+        # reaches `protocol` (so before any cap or descriptor check): a burst of SOMAXCONN
+        # connects would take SOMAXCONN descriptors at once. So it is given ACCEPT_BURST, and
+        # the kernel's queue is set back to the full backlog right after.
+        self._server = await loop.create_server(protocol, sock=self._sock, backlog=ACCEPT_BURST)
+        self._sock.listen(self._backlog)
 
 
 class _JsonErrorHandler(RequestHandler):
@@ -79,6 +104,12 @@ class _JsonErrorHandler(RequestHandler):
     `send_timeout` seconds aborts the connection."""
 
     send_timeout = 10.0
+    live: weakref.WeakSet[_JsonErrorHandler] | None = None  # the site's count of connections
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.live is not None:
+            self.live.discard(self)
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -126,13 +157,12 @@ class _JsonErrorHandler(RequestHandler):
 class _Refused(asyncio.Protocol):
     """Answers one 503 and hangs up, without reading the request."""
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
+    def __init__(self, message: str) -> None:
+        self._message = message
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
-        message = f"too many connections: {self._limit} are open, the configured maximum"
-        body = ErrorBody(error=message).model_dump_json().encode()
+        body = ErrorBody(error=self._message).model_dump_json().encode()
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

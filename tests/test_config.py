@@ -55,6 +55,7 @@ FULL_FILE = """
     max_attachments = 500
     apply_timeout = 3.5
     max_connections = 64
+    metrics_max_connections = 8
     client_timeout = 2.5
     nft_runner = "cli"
     adopt_cni_plugins_rules = true
@@ -84,6 +85,7 @@ def test_a_file_can_hold_every_setting(tmp_path: Path) -> None:
         max_attachments=500,
         apply_timeout=3.5,
         max_connections=64,
+        metrics_max_connections=8,
         client_timeout=2.5,
         nft_runner="cli",
         adopt_cni_plugins_rules=True,
