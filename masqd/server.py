@@ -16,7 +16,8 @@ import socket
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from masqd.api import error
 from masqd.models import ErrorBody
@@ -87,6 +88,10 @@ class _JsonErrorHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if isinstance(exc, ContentEncodingError):
+            # A Content-Encoding aiohttp knows but cannot decode here (br, zstd): refused
+            # like any other encoding the API does not take.
+            status = 415
         if status >= 500:
             super().handle_error(request, status, exc, message)  # logs, with the traceback
             text = "internal error (logged by the daemon)"
@@ -98,6 +103,17 @@ class _JsonErrorHandler(RequestHandler):
         response = error(status, text)
         response.force_close()
         return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After answering, aiohttp reads what is left of the request's body and logs what
+        # that raises as an unhandled exception: a body that does not decode as its
+        # Content-Encoding says (already answered 400), or a client gone mid-body. Neither is
+        # the daemon's fault, and a traceback per request would be a way to flood the log.
+        exc = kw.get("exc_info")
+        if isinstance(exc, RequestPayloadError | ConnectionError):
+            log.debug("dropped the rest of a request body: %s", " ".join(str(exc).split()))
+            return
+        super().log_exception(*args, **kw)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
