@@ -14,7 +14,12 @@ names `models` allows, `--max-attachments`, at most `max_connections` open conne
 (`server.LimitedSockSite` answers 503 beyond), and `client_timeout` for slow or idle clients: the
 request line and headers must arrive within it from the connection's start (or from the
 previous answer on a kept-alive connection: aiohttp's keep-alive timer, which also covers a
-request still being received), and a body within it once the handler reads it.
+request still being received), a body within it of waiting once the handler reads it, and
+a listing taken by the client within it.
+
+Big answers and big bodies never hold the loop: a listing is streamed in slices (`listing`),
+a GC body parsed as it arrives (`gcbody`), each yielding to the loop between pieces, and at
+most a few of each run at once (`slots`; 503 with Retry-After beyond).
 """
 
 from __future__ import annotations
@@ -161,20 +166,25 @@ async def read_json(request: web.Request, limit: int) -> Any:
 
 
 async def body_pieces(request: web.Request, limit: int, piece: int) -> AsyncIterator[bytes]:
-    """The body in pieces of at most `piece` bytes, all within the client timeout; refused
-    (413) beyond `limit` bytes, on its Content-Length alone when it has one."""
+    """The body in pieces of at most `piece` bytes; refused (413) beyond `limit` bytes, on
+    its Content-Length alone when it has one, and (408) once the handler has waited for it
+    longer than the client timeout in all. Only the waiting counts, not the time the caller
+    spends on each piece: a 30 MiB GC parsed on a busy node is not the client's delay."""
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in CONTENT_ENCODINGS:
         raise BadRequest(415, f"unsupported Content-Encoding {encoding[:40]!r}: use gzip or none")
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest(413, f"request body is larger than {limit} bytes")
     timeout = request.app[CONTEXT].client_timeout
-    deadline = asyncio.get_running_loop().time() + timeout
+    clock = asyncio.get_running_loop().time
+    waited = 0.0
     size = 0
     while True:
         try:
-            async with asyncio.timeout_at(deadline):
+            started = clock()
+            async with asyncio.timeout(timeout - waited):
                 chunk = await request.content.read(piece)
+            waited += clock() - started
         except TimeoutError:
             raise BadRequest(408, f"request body not received within {timeout:g}s") from None
         except web.RequestPayloadError as exc:
