@@ -145,13 +145,25 @@ bodies = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=200),
     st.just(b"{" * 5000),  # deep nesting
+    st.just(b"[" * 3000 + b"]" * 3000),  # deep and well-formed: RecursionError in json
+    st.just(b'{"ips": [' + b"9" * 5000 + b"]}"),  # beyond Python's 4,300-digit int limit
     st.just(b'{"ips": ["' + b"1" * (ATTACHMENT_BODY_LIMIT + 10) + b'"]}'),  # oversized
 )
 header_names = st.sampled_from(
     ["Content-Type", "Transfer-Encoding", "Expect", "Content-Encoding", "X-Junk", "Connection"]
 ) | st.text(st.characters(codec="ascii", categories=["Lu", "Ll"]), min_size=1, max_size=20)
 header_values = st.sampled_from(
-    ["application/json", "chunked", "100-continue", "gzip", "close", "keep-alive", ""]
+    [
+        "application/json",
+        "chunked",
+        "100-continue",
+        "gzip",
+        "deflate",
+        "br",
+        "close",
+        "keep-alive",
+        "",
+    ]
 ) | st.text(st.characters(codec="ascii", exclude_characters="\r\n"), max_size=100)
 
 
