@@ -19,4 +19,5 @@ BENCHMARKS: dict[str, str] = {
     "per-op": "bench.per_op",
     "cni-cold-start": "bench.cold_start",
     "nft-runner": "bench.nft_runner",
+    "hostile": "bench.hostile",
 }

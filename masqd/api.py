@@ -15,12 +15,18 @@ names `models` allows, `--max-attachments`, at most `max_connections` open conne
 (`server.LimitedSockSite` answers 503 beyond), and `client_timeout` for slow or idle clients: the
 request line and headers must arrive within it from the connection's start (or from the
 previous answer on a kept-alive connection: aiohttp's keep-alive timer, which also covers a
-request still being received), and a body within it once the handler reads it.
+request still being received), a body within it of waiting once the handler reads it, and
+a listing taken by the client within it.
+
+Big answers and big bodies never hold the loop: a listing is streamed in slices (`listing`),
+a GC body parsed as it arrives (`gcbody`), each yielding to the loop between pieces, and at
+most a few of each run at once (`slots`; 503 with Retry-After beyond).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import json
@@ -29,14 +35,15 @@ import os
 import socket
 import struct
 from asyncio.trsock import TransportSocket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from masqd import __version__
+from masqd import __version__, listing
+from masqd.gcbody import BodyError, GcBodyParser
 from masqd.metrics import Metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import (
@@ -45,7 +52,6 @@ from masqd.models import (
     AttachmentRef,
     AttachmentSpec,
     ErrorBody,
-    GcRequest,
     GcResult,
     NetworkName,
     comment_problem,
@@ -54,6 +60,7 @@ from masqd.models import (
 from masqd.nft import NftError
 from masqd.plan import AttachmentRecord
 from masqd.reconciler import Reconciler, SyncUnavailable
+from masqd.slots import Slots
 from masqd.state import CapacityExceeded, DesiredState
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,15 @@ GC_BODY_LIMIT = 32 * 1024 * 1024
 
 DEFAULT_CLIENT_TIMEOUT = 10.0
 MAX_LINE_BYTES = 8190  # request line, and each header
+# aiohttp decodes these itself; any other Content-Encoding is refused with 415.
+CONTENT_ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
+# A GC body is parsed this many bytes at a time, yielding to the loop between pieces (about
+# 30 entries, a tenth of a millisecond): a setup never waits behind a GC for longer.
+GC_PIECE = 2048
+# Expensive requests admitted at once; more get 503 (see `slots`).
+LISTING_SLOTS = 4
+BIG_GC_SLOTS = 4
+RETRY_AFTER = "1"
 
 ATTACHMENT = "/v1/attachments/{network}/{container_id}/{ifname}"
 
@@ -95,6 +111,10 @@ class ApiContext:
     table: str = "masqd"
     extra_status: Callable[[], dict[str, Any]] = dict
     migrator: Migrator | None = None  # None: the backend cannot adopt legacy tables
+    listings: Slots = field(default_factory=lambda: Slots(LISTING_SLOTS))
+    big_gcs: Slots = field(default_factory=lambda: Slots(BIG_GC_SLOTS))
+    # Big GC bodies are parsed one at a time: their pieces then never pile up in one loop turn.
+    gc_parse: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -111,9 +131,25 @@ def ok(payload: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str, details: tuple[dict[str, Any], ...] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        details: tuple[dict[str, Any], ...] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.details = status, message, details
+        self.headers = headers or {}
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was read: nobody to answer."""
+
+
+# Logged as the status of a request whose client left mid-body (nginx's convention); a 4xx,
+# since it is the client's doing, so it never trips the API-errors alert.
+CLIENT_CLOSED = 499
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -127,33 +163,55 @@ def _validate(model: type[M], data: Any, what: str) -> M:
 
 
 async def read_json(request: web.Request, limit: int) -> Any:
-    if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(413, f"request body is larger than {limit} bytes")
-    timeout = request.app[CONTEXT].client_timeout
-    try:
-        async with asyncio.timeout(timeout):
-            body = await _read_body(request, limit + 1)
-    except TimeoutError:
-        raise BadRequest(408, f"request body not received within {timeout:g}s") from None
-    if len(body) > limit:
-        raise BadRequest(413, f"request body is larger than {limit} bytes")
+    body = b"".join([piece async for piece in body_pieces(request, limit, limit)])
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(400, "request body is not valid JSON: nested too deeply") from None
+    except ValueError:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise BadRequest(400, "request body is not valid JSON: a number is too long") from None
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """Up to `limit` bytes of the body (StreamReader.read(n) may return less than n)."""
-    chunks: list[bytes] = []
+async def body_pieces(request: web.Request, limit: int, piece: int) -> AsyncIterator[bytes]:
+    """The body in pieces of at most `piece` bytes; refused (413) beyond `limit` bytes, on
+    its Content-Length alone when it has one, and (408) once the handler has waited for it
+    longer than the client timeout in all. Only the waiting counts, not the time the caller
+    spends on each piece: a 30 MiB GC parsed on a busy node is not the client's delay."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in CONTENT_ENCODINGS:
+        raise BadRequest(415, f"unsupported Content-Encoding {encoding[:40]!r}: use gzip or none")
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(413, f"request body is larger than {limit} bytes")
+    timeout = request.app[CONTEXT].client_timeout
+    clock = asyncio.get_running_loop().time
+    waited = 0.0
     size = 0
-    while size < limit:
-        chunk = await request.content.read(limit - size)
+    while True:
+        try:
+            started = clock()
+            async with asyncio.timeout(timeout - waited):
+                chunk = await request.content.read(piece)
+            waited += clock() - started
+        except TimeoutError:
+            raise BadRequest(408, f"request body not received within {timeout:g}s") from None
+        except web.RequestPayloadError as exc:
+            # A body that does not decode as its Content-Encoding says (gzip that is not).
+            cause = exc.__cause__ or exc
+            raise BadRequest(400, f"request body cannot be decoded: {_one_line(cause)}") from None
+        except ConnectionError:
+            raise ClientGone from None
         if not chunk:
-            break
-        chunks.append(chunk)
+            return
         size += len(chunk)
-    return b"".join(chunks)
+        if size > limit:
+            raise BadRequest(413, f"request body is larger than {limit} bytes")
+        yield chunk
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def _key(request: web.Request) -> AttachmentKey:
@@ -172,12 +230,7 @@ def _path_key(request: web.Request) -> dict[str, str]:
 
 
 def _attachment(key: tuple[str, str, str], record: AttachmentRecord) -> dict[str, Any]:
-    return {
-        "network": key[0],
-        "container_id": key[1],
-        "ifname": key[2],
-        "ips": record.cidrs(),
-    }
+    return listing.attachment_json(key, record)
 
 
 async def _applied(ctx: ApiContext, version: int) -> None:
@@ -232,11 +285,39 @@ class _NetworkQuery(BaseModel):
     network: NetworkName | None = None
 
 
-async def list_attachments(request: web.Request) -> web.Response:
+async def list_attachments(request: web.Request) -> web.StreamResponse:
+    """The listing, streamed (see `listing`): a slice at a time, each written with
+    backpressure, the whole within the client timeout or the connection is cut."""
     ctx = request.app[CONTEXT]
     query = _validate(_NetworkQuery, dict(request.query), "query")
-    items = [_attachment(k, r) for k, r in ctx.state.items(query.network)]
-    return ok({"attachments": items, "count": len(items)})
+    with _admitted(ctx.listings, "listings"):
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        try:
+            async with asyncio.timeout(ctx.client_timeout):
+                await response.prepare(request)
+                for piece in listing.slices(ctx.state, query.network):
+                    await response.write(piece)
+                    await asyncio.sleep(0)  # a setup goes before the next slice
+                await response.write_eof()
+        except TimeoutError:
+            log.debug("a client did not read its listing in %gs: cut off", ctx.client_timeout)
+            if request.transport is not None:
+                request.transport.abort()  # drops what is still buffered for it
+        except ConnectionError:
+            log.debug("a client closed its connection during its listing")
+    return response
+
+
+@contextlib.contextmanager
+def _admitted(slots: Slots, what: str) -> Iterator[None]:
+    """Hold one of `slots` for the block, or answer 503 with Retry-After."""
+    if not slots.take():
+        message = f"too many {what} at once ({slots.size}); retry later"
+        raise BadRequest(503, message, headers={"Retry-After": RETRY_AFTER})
+    try:
+        yield
+    finally:
+        slots.give_back()
 
 
 class _NetworkPath(BaseModel):
@@ -247,9 +328,14 @@ class _NetworkPath(BaseModel):
 async def gc_network(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     network = _validate(_NetworkPath, {"network": request.match_info["network"]}, "network").network
-    body = _validate(GcRequest, await read_json(request, GC_BODY_LIMIT), "body")
-    valid = {(v.container_id, v.ifname) for v in body.valid_attachments}
-    removed = ctx.state.gc(network, valid)
+    length = request.content_length
+    if length is not None and length <= ATTACHMENT_BODY_LIMIT:
+        started, valid = await _gc_entries(request, network)
+    else:
+        with _admitted(ctx.big_gcs, "big GC requests"):
+            async with ctx.gc_parse:
+                started, valid = await _gc_entries(request, network)
+    removed = ctx.state.gc(network, valid, set_up_by=started)
     if removed:
         ctx.metrics.gc_removed.inc(len(removed))
         log.info("gc of network %s removed %d attachments", network, len(removed))
@@ -259,6 +345,31 @@ async def gc_network(request: web.Request) -> web.Response:
         removed=tuple(Attachment.model_validate(_attachment(k, r)) for k, r in removed),
     )
     return ok(result)
+
+
+async def _gc_entries(request: web.Request, network: str) -> tuple[int, set[tuple[str, str]]]:
+    """Parse a GC body as it arrives (see `gcbody`): the setup sequence number when parsing
+    began, and the listed (container ID, ifname) pairs that the daemon holds.
+
+    Entries the daemon does not hold are dropped as they are parsed, so memory follows the
+    attachments, not the body. That is safe because the GC only removes what was set up
+    before it began (`set_up_by`): an attachment set up while the body was read is never
+    removed by this GC, listed or not.
+    """
+    state = request.app[CONTEXT].state
+    started = state.seq
+    parser = GcBodyParser()
+    valid: set[tuple[str, str]] = set()
+    try:
+        async for piece in body_pieces(request, GC_BODY_LIMIT, GC_PIECE):
+            for entry in parser.feed(piece):
+                if state.get((network, entry.container_id, entry.ifname)) is not None:
+                    valid.add((entry.container_id, entry.ifname))
+            await asyncio.sleep(0)  # a setup goes before the next piece
+        parser.feed(b"", eof=True)
+    except BodyError as exc:
+        raise BadRequest(400, exc.message, exc.details) from None
+    return started, valid
 
 
 async def diff(request: web.Request) -> web.Response:
@@ -384,6 +495,11 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             response = await handler(request)
         except BadRequest as exc:
             response = error(exc.status, exc.message, exc.details)
+            response.headers.update(exc.headers)
+        except ClientGone:
+            log.debug("a client closed its connection before sending its whole request")
+            response = error(CLIENT_CLOSED, "the client closed the connection")
+            response.force_close()
         except web.HTTPException as exc:
             # The router's own answers (404, 405, 413 ...) in the same JSON shape.
             response = error(exc.status, exc.reason)

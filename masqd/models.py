@@ -20,6 +20,7 @@ MAX_IPS_PER_ATTACHMENT = 16
 MAX_NETWORK_NAME = 64
 MAX_CONTAINER_ID = 128
 MAX_IFNAME_BYTES = 15  # IFNAMSIZ - 1
+MAX_GC_ENTRIES = 1_000_000
 
 # The CNI spec's pattern for network names and container IDs.
 CNI_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -261,7 +262,7 @@ class GcRequest(BaseModel):
     """Body of POST /v1/networks/{network}/gc."""
 
     model_config = _STRICT
-    valid_attachments: tuple[ValidAttachment, ...] = Field(max_length=1_000_000)
+    valid_attachments: tuple[ValidAttachment, ...] = Field(max_length=MAX_GC_ENTRIES)
 
 
 class GcResult(BaseModel):

@@ -4,9 +4,11 @@ aiohttp refuses some requests before any middleware sees them (a malformed reque
 oversized header, a bad Content-Length); here they get the API's JSON error shape, logged at
 debug only, since a client's malformed request must not be a way to flood the daemon's log.
 A connection beyond `max_connections`, or accepted while the daemon is within its reserve of
-free descriptors (`fdlimit.Guard`), gets one 503 and is closed unread, and a client that
-does not read its response within `send_timeout` is cut off (without that, every connection
-could hold a 20 MiB listing in the daemon's memory for as long as it liked).
+free descriptors (`fdlimit.Guard`), gets one 503 (its request read and dropped, so that the
+client sees the answer rather than a reset), and a client that does not read its response
+within `send_timeout` is cut off (without that, every connection could hold a 20 MiB listing
+in the daemon's memory for as long as it liked). A body that does not decode, or a client
+gone mid-body, is the client's doing: logged at debug, never as a traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import weakref
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from masqd.api import error
 from masqd.fdlimit import Guard
@@ -118,6 +121,10 @@ class _JsonErrorHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if isinstance(exc, ContentEncodingError):
+            # A Content-Encoding aiohttp knows but cannot decode here (br, zstd): refused
+            # like any other encoding the API does not take.
+            status = 415
         if status >= 500:
             super().handle_error(request, status, exc, message)  # logs, with the traceback
             text = "internal error (logged by the daemon)"
@@ -129,6 +136,17 @@ class _JsonErrorHandler(RequestHandler):
         response = error(status, text)
         response.force_close()
         return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After answering, aiohttp reads what is left of the request's body and logs what
+        # that raises as an unhandled exception: a body that does not decode as its
+        # Content-Encoding says (already answered 400), or a client gone mid-body. Neither is
+        # the daemon's fault, and a traceback per request would be a way to flood the log.
+        exc = kw.get("exc_info")
+        if isinstance(exc, RequestPayloadError | ConnectionError):
+            log.debug("dropped the rest of a request body: %s", " ".join(str(exc).split()))
+            return
+        super().log_exception(*args, **kw)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -155,17 +173,54 @@ class _JsonErrorHandler(RequestHandler):
 
 
 class _Refused(asyncio.Protocol):
-    """Answers one 503 and hangs up, without reading the request."""
+    """Answers one 503 and hangs up, reading (and dropping) what the client sends meanwhile.
+
+    Closing at once, as this did, was not enough for the 503 to arrive: a client still
+    sending its request got EPIPE, and a Unix socket closed with unread data resets its
+    peer. So, like aiohttp's lingering close, it shuts its side after the answer and drops
+    the client's bytes until the client closes, for at most `LINGER_SECONDS` and
+    `LINGER_BYTES`. At most `MAX_LINGERING` refused connections linger at once (the cap
+    bounds descriptors; so must what is beyond it): beyond that, one is closed at once.
+    """
+
+    LINGER_SECONDS = 1.0
+    LINGER_BYTES = 256 * 1024
+    MAX_LINGERING = 64
+    lingering = 0  # refused connections lingering now, all sites together
 
     def __init__(self, message: str) -> None:
         self._message = message
+        self._transport: asyncio.WriteTransport | None = None
+        self._dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         body = ErrorBody(error=self._message).model_dump_json().encode()
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
         )
         transport.write(head.encode() + body)
-        transport.close()
+        if _Refused.lingering >= self.MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        _Refused.lingering += 1
+        self._transport = transport
+        transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(self.LINGER_SECONDS, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self._dropped += len(data)
+        if self._dropped > self.LINGER_BYTES and self._transport is not None:
+            self._transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            _Refused.lingering -= 1
+            self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()

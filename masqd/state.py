@@ -115,11 +115,21 @@ class DesiredState:
             self._journal.record_delete(key)
         return record
 
+    @property
+    def seq(self) -> int:
+        """The setup sequence number of the latest setup (records carry theirs)."""
+        return self._seq
+
     def gc(
-        self, network: str, valid: set[tuple[str, str]]
+        self, network: str, valid: set[tuple[str, str]], *, set_up_by: int | None = None
     ) -> list[tuple[AttachmentKeyT, AttachmentRecord]]:
-        """Remove every attachment of `network` whose (container ID, ifname) is not in `valid`."""
-        stale = [(k, r) for k, r in self.items(network) if (k[1], k[2]) not in valid]
+        """Remove every attachment of `network` whose (container ID, ifname) is not in `valid`
+        (with `set_up_by`: only those set up at or before that sequence number)."""
+        stale = [
+            (k, r)
+            for k, r in self.items(network)
+            if (k[1], k[2]) not in valid and (set_up_by is None or r.seq <= set_up_by)
+        ]
         for key, _ in stale:
             self.delete(key)
         return stale

@@ -145,13 +145,25 @@ bodies = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=200),
     st.just(b"{" * 5000),  # deep nesting
+    st.just(b"[" * 3000 + b"]" * 3000),  # deep and well-formed: RecursionError in json
+    st.just(b'{"ips": [' + b"9" * 5000 + b"]}"),  # beyond Python's 4,300-digit int limit
     st.just(b'{"ips": ["' + b"1" * (ATTACHMENT_BODY_LIMIT + 10) + b'"]}'),  # oversized
 )
 header_names = st.sampled_from(
     ["Content-Type", "Transfer-Encoding", "Expect", "Content-Encoding", "X-Junk", "Connection"]
 ) | st.text(st.characters(codec="ascii", categories=["Lu", "Ll"]), min_size=1, max_size=20)
 header_values = st.sampled_from(
-    ["application/json", "chunked", "100-continue", "gzip", "close", "keep-alive", ""]
+    [
+        "application/json",
+        "chunked",
+        "100-continue",
+        "gzip",
+        "deflate",
+        "br",
+        "close",
+        "keep-alive",
+        "",
+    ]
 ) | st.text(st.characters(codec="ascii", exclude_characters="\r\n"), max_size=100)
 
 
@@ -337,8 +349,8 @@ def test_a_body_that_stalls_gets_408(limited: MasqdProcess) -> None:
 
 def test_a_client_that_does_not_read_its_answer_is_cut_off(daemon_factory: DaemonFactory) -> None:
     """A listing far larger than the socket buffers (about 2 MB), asked for and never read:
-    the daemon drops it and the connection after the client timeout, instead of holding it
-    for as long as the client likes."""
+    the daemon stops it and drops the connection after the client timeout, instead of
+    holding it for as long as the client likes."""
     limited = daemon_factory(extra_args=["--client-timeout", str(CLIENT_TIMEOUT)])
     network = "n" * 40
 
@@ -368,8 +380,9 @@ def test_a_client_that_does_not_read_its_answer_is_cut_off(daemon_factory: Daemo
             while chunk := sock.recv(1 << 16):
                 received += chunk
     head, _, body = received.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-    assert length > 1_500_000 and len(body) < length, (length, len(body))
+    # Streamed (chunked), about 2 MB in all: what arrived is a part, without the last chunk.
+    assert re.search(rb"(?i)transfer-encoding: *chunked", head), head
+    assert len(body) < 1_500_000 and not body.endswith(b"\r\n0\r\n\r\n"), len(body)
 
 
 def test_idle_connections_are_closed(limited: MasqdProcess) -> None:

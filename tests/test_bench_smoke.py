@@ -53,6 +53,7 @@ ROW_KEYS: dict[str, set[str]] = {
     "per-op": {"impl", "attachments", "p50_ms"},
     "cni-cold-start": set(),
     "nft-runner": {"runner", "elements", "p50_ms", "p99_ms"},
+    "hostile": {"attack", "attachments", "put_p50_ms", "vs_quiet", "peak_rss_mib"},
 }
 
 GOALS: dict[str, set[str]] = {

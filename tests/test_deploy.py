@@ -381,3 +381,13 @@ def test_kubernetes_scrape_config_passes_promtool(tmp_path: Path) -> None:
 def test_alert_rules_fire_when_they_should() -> None:
     proc = run("promtool", "test", "rules", "masqd-rules.test.yml", cwd=PROMETHEUS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_unit_and_the_daemonset_cap_memory_alike() -> None:
+    """Both carry the memory limit the figures justify (docs/operating.md)."""
+    service = unit_directives(SYSTEMD / "masqd.service")
+    assert service["Service.MemoryMax"] == ["384M"]
+    assert service["Service.MemoryHigh"] == ["320M"]
+    (ds,) = yaml.safe_load_all((KUBERNETES / "daemonset.yaml").read_text())
+    (masqd,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "masqd"]
+    assert masqd["resources"]["limits"]["memory"] == "384Mi"
