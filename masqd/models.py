@@ -28,6 +28,9 @@ CNI_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 # backslashes and control characters: the name lands in element comments that `nft list`
 # prints unescaped.
 _IFNAME_FORBIDDEN = re.compile(r'[/:\s\x00-\x1f\x7f"\\]')
+# Bidirectional controls and zero-width characters: a listing would show another name than
+# the one held.
+_IFNAME_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 MULTICAST4 = ipaddress.IPv4Network("224.0.0.0/4")
 MULTICAST6 = ipaddress.IPv6Network("ff00::/8")
@@ -43,6 +46,10 @@ def _check_ifname(value: str) -> str:
         raise ValueError(
             "interface name must not contain '/', ':', '\"', '\\', whitespace or control characters"
         )
+    if _IFNAME_INVISIBLE.search(value):
+        raise ValueError("interface name must not contain bidirectional or zero-width characters")
+    if value.endswith("~"):
+        raise ValueError("interface name must not end with '~'")
     return value
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,12 +135,23 @@ def test_bad_interface_names_are_refused(ifname: str) -> None:
         ValidAttachment(container_id="c1", ifname=ifname)
 
 
+_INVISIBLE = "\u061c\ufeff" + "".join(
+    chr(c) for lo, hi in ((0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064), (0x2066, 0x2069))
+    for c in range(lo, hi + 1)
+)
+
+
 def _ifname_ok(name: str) -> bool:
-    """The kernel's rules, plus no quote, backslash or control character (see models)."""
+    """The kernel's rules, plus no quote, backslash or control character, no bidirectional or
+    zero-width character, no trailing '~' (see models)."""
     return (
         1 <= len(name.encode()) <= 15
         and name not in (".", "..")
-        and not any(c in '/:"\\' or c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in name)
+        and not name.endswith("~")
+        and not any(
+            c in '/:"\\' or c.isspace() or ord(c) < 0x20 or c == "\x7f" or c in _INVISIBLE
+            for c in name
+        )
     )
 
 
@@ -167,6 +180,32 @@ def test_key_problem_agrees_with_the_model(network: str, container_id: str, ifna
     except ValidationError:
         valid = False
     assert (key_problem(network, container_id, ifname) is None) == valid
+
+
+# ---- the vectors masqd-cni is tested against too (cni/names_test.go) ---------------------
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "names.json").read_text())
+
+
+def _accepted(field: str, value: str) -> bool:
+    fields = {"network": "net1", "container_id": "c1", "ifname": "eth0", field: value}
+    try:
+        AttachmentKey(**fields)
+    except ValidationError:
+        model = False
+    else:
+        model = True
+    fast = key_problem(fields["network"], fields["container_id"], fields["ifname"]) is None
+    assert model == fast, (field, value)
+    return model
+
+
+@pytest.mark.parametrize("field", ["network", "container_id", "ifname"])
+def test_the_shared_name_vectors_are_accepted_and_refused_as_listed(field: str) -> None:
+    assert VECTORS[field]["valid"] and VECTORS[field]["invalid"]
+    wrongly_refused = [v for v in VECTORS[field]["valid"] if not _accepted(field, v)]
+    wrongly_accepted = [v for v in VECTORS[field]["invalid"] if _accepted(field, v)]
+    assert (wrongly_refused, wrongly_accepted) == ([], [])
 
 
 # ---- IPs --------------------------------------------------------------------------------
