@@ -141,8 +141,8 @@ type validAttachment struct {
 }
 
 // validAttachments: GC's list of attachments to keep, as the daemon's API spells them. A
-// missing list is an error, never an empty one: that would remove every attachment of the
-// network. Entries masqd could never hold are dropped: they protect nothing, and one of them
+// missing list is an error, never read as an empty one: that would remove every attachment
+// of the network. Entries masqd could never hold are dropped: they protect nothing, and one of them
 // would make the daemon refuse the whole collection.
 func (c *netConf) validAttachments() ([]validAttachment, int, *types.Error) {
 	var key string
@@ -156,8 +156,9 @@ func (c *netConf) validAttachments() ([]validAttachment, int, *types.Error) {
 	if key == "" {
 		return nil, 0, cniError(types.ErrInvalidNetworkConfig, "GC needs cni.dev/valid-attachments", "")
 	}
+	// null is a list too: libcni writes an empty (nil) Go slice so.
 	var entries []json.RawMessage
-	if string(bytes.TrimSpace(raw)) == "null" || json.Unmarshal(raw, &entries) != nil {
+	if json.Unmarshal(raw, &entries) != nil {
 		return nil, 0, cniError(types.ErrInvalidNetworkConfig, key+" must be a list", "")
 	}
 	valid := []validAttachment{}

@@ -131,16 +131,17 @@ func TestValidAttachmentsUseBothKeysAndDropWhatMasqdCannotHold(t *testing.T) {
 			t.Errorf("%s: got %v, %d dropped, %v", key, valid, dropped, cerr)
 		}
 	}
-	valid, _, cerr := mustConf(t, `{"name": "n", "cni.dev/valid-attachments": []}`).validAttachments()
-	if data, _ := json.Marshal(valid); cerr != nil || string(data) != "[]" {
-		t.Errorf("an empty list must stay a list: %s %v", data, cerr)
+	for _, empty := range []string{"[]", "null"} { // null: how libcni writes an empty Go slice
+		valid, _, cerr := mustConf(t, `{"name": "n", "cni.dev/valid-attachments": `+empty+`}`).validAttachments()
+		if data, _ := json.Marshal(valid); cerr != nil || string(data) != "[]" {
+			t.Errorf("%s must be an empty list: %s %v", empty, data, cerr)
+		}
 	}
 }
 
 func TestGCWithoutAUsableListIsCode7NeverAnEmptyList(t *testing.T) {
 	for _, conf := range []string{
 		`{"name": "n"}`,
-		`{"name": "n", "cni.dev/valid-attachments": null}`,
 		`{"name": "n", "cni.dev/valid-attachments": {}}`,
 		`{"name": "n", "cni.dev/valid-attachments": [{"containerID": "c1"}]}`,
 		`{"name": "n", "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": 5}]}`,

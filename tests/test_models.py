@@ -136,7 +136,8 @@ def test_bad_interface_names_are_refused(ifname: str) -> None:
 
 
 _INVISIBLE = "\u061c\ufeff" + "".join(
-    chr(c) for lo, hi in ((0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064), (0x2066, 0x2069))
+    chr(c)
+    for lo, hi in ((0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064), (0x2066, 0x2069))
     for c in range(lo, hi + 1)
 )
 
