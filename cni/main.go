@@ -30,7 +30,7 @@ func main() {
 	os.Exit(run())
 }
 
-func run() int {
+func run() (status int) {
 	p := &plugin{
 		stdout:     os.Stdout,
 		stderr:     os.Stderr,
@@ -38,6 +38,12 @@ func run() int {
 		sleep:      time.Sleep,
 		delTimeout: delTimeout,
 	}
+	// A bug must still reach the runtime as a CNI error object, not as a Go stack trace.
+	defer func() {
+		if r := recover(); r != nil {
+			status = fail(p, latestVersion, types.NewError(types.ErrInternal, "internal error in masqd-cni", fmt.Sprint(r)))
+		}
+	}()
 	// Read the config first, to answer errors in the config's own cniVersion (skel's error
 	// object has none), then hand skel the same bytes.
 	var stdin []byte
