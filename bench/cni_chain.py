@@ -84,13 +84,22 @@ def bridge_links() -> str:
     return f"link add {BRIDGE} type bridge\nlink set {BRIDGE} up\n"
 
 
+# A Linux bridge holds at most 1,023 ports, so a node's containers beyond the first 1,000 sit
+# on other bridges (other networks of the node): the timed network's bridge holds 1,000.
+PORTS_PER_BRIDGE = 1000
+
+
 def grow_links(start: int, stop: int) -> str:
-    """`ip -batch` lines: a veth per container start..stop-1, on the bridge."""
+    """`ip -batch` lines: a veth per container start..stop-1, on the bridge of its network."""
     lines = []
     for i in range(start, stop):
+        group = i // PORTS_PER_BRIDGE
+        bridge = BRIDGE if group == 0 else f"mqother{group}"
+        if i % PORTS_PER_BRIDGE == 0 and group > 0:
+            lines += [f"link add {bridge} type bridge", f"link set {bridge} up"]
         lines += [
             f"link add mqh{i} type veth peer name mqc{i}",
-            f"link set mqh{i} master {BRIDGE}",
+            f"link set mqh{i} master {bridge}",
             f"link set mqh{i} up",
         ]
     return "\n".join(lines) + "\n"

@@ -3,10 +3,12 @@
 Side by side in one run, against the real upstream plugins (bench.cni_chain): `bridge` alone
 (no masquerade), `bridge` + masqd-cni (masqd's way), and `bridge` with `ipMasq: true` and
 its nftables backend (a rule per container IP, what masqd replaces). At each size N the node
-holds N existing containers, the same for all three: N veths on the bridge, N host-local
-leases, N dual-stack attachments in a masqd daemon, and the per-rule table with a rule per
-IP of each (in the shape the plugin writes, bench.perrule). Each timed round adds one
-container through each variant, in turn, and deletes it again (also timed), so N stays put.
+holds N existing containers, the same for all three: N veths (the first 1,000 on the timed
+network's bridge, the rest on other bridges of 1,000: a Linux bridge takes at most 1,023
+ports), N host-local leases, N dual-stack attachments in a masqd daemon, and the per-rule
+table with a rule per IP of each (in the shape the plugin writes, bench.perrule). Each timed
+round adds one container through each variant, in turn, and deletes it again (also timed),
+so N stays put.
 Times are spawn to exit of every plugin the runtime would run, as a runtime experiences it.
 """
 
