@@ -29,7 +29,7 @@ from tests.netns import netns, nft, ns_run
 
 NAME = "per-op"
 DAEMON_ARGS = ("--max-attachments", "200000")
-GOAL_WITHIN_BRIDGE_MS = 6.0
+GOAL_MS = 6.0  # the chain within 6 ms of bridge alone
 
 
 def _grow(node: str, d: daemon.Daemon, ipam_dir: str, start: int, stop: int) -> None:
@@ -137,26 +137,18 @@ def run(*, quick: bool, progress: Progress) -> Result:
         rows=rows,
     )
     by = {(r["impl"], r["attachments"]): r for r in rows}
-    over_add, over_del = [], []
     for n in sizes:
         alone, masqd, permasq = (by[(v, n)] for v in cni_chain.VARIANTS)
-        over_add.append(masqd["p50_ms"] - alone["p50_ms"])
-        over_del.append(masqd["del_p50_ms"] - alone["del_p50_ms"])
-        result.summary[f"ADD at {n:,}: masqd-cni chain minus bridge alone (ms)"] = round(
-            over_add[-1], 2
-        )
-        result.summary[f"ADD at {n:,}: ipMasq nftables minus masqd-cni chain (ms)"] = round(
-            permasq["p50_ms"] - masqd["p50_ms"], 2
-        )
-        result.summary[f"DEL at {n:,}: masqd-cni chain minus bridge alone (ms)"] = round(
-            over_del[-1], 2
-        )
-    result.goal(
-        "chain ADD p50 over bridge alone (worst size)", max(over_add), GOAL_WITHIN_BRIDGE_MS, "ms"
-    )
-    result.goal(
-        "chain DEL p50 over bridge alone (worst size)", max(over_del), GOAL_WITHIN_BRIDGE_MS, "ms"
-    )
+        for op, key in (("ADD", "p50_ms"), ("DEL", "del_p50_ms")):
+            result.summary[f"{op} p50 at {n:,}: bridge / + masqd-cni / ipMasq nftables (ms)"] = (
+                f"{alone[key]:,.1f} / {masqd[key]:,.1f} / {permasq[key]:,.1f}"
+            )
+    # The chain runs bridge, then masqd-cni: what masqd adds to bridge alone is masqd-cni's own
+    # time in each round, measured directly. (The difference of two variants' p50s says the
+    # same on a quiet machine, but carries the bridge plugin's spread, hundreds of ms at 10k.)
+    for op, key in (("ADD", "masqd_cni_add_p50_ms"), ("DEL", "masqd_cni_del_p50_ms")):
+        worst = max(by[("bridge+masqd-cni", n)][key] for n in sizes)
+        result.goal(f"chain {op}: masqd-cni's share, p50 (worst size)", worst, GOAL_MS, "ms")
     return result
 
 
@@ -167,21 +159,43 @@ STYLE = {
 }
 
 
+def _size_axis(ax: Any, sizes: list[int]) -> None:
+    ax.set_xscale("symlog", linthresh=1000)
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    ax.set_xlabel("existing containers on the node")
+
+
 def plot(result: Result, path: Path) -> None:
-    fig, axes = plotting.figure(ncols=2, width=11.0)
+    fig, axes = plotting.figure(ncols=3, width=15.0)
+    sizes = sorted(set(plotting.column(result.rows, "attachments")))
     for ax, key, what in ((axes[0], "p50_ms", "ADD"), (axes[1], "del_p50_ms", "DEL")):
         for impl, (color, label) in STYLE.items():
             xs = plotting.column(result.rows, "attachments", impl=impl)
             ys = plotting.column(result.rows, key, impl=impl)
             ax.plot(xs, ys, marker="o", color=color, label=label)
-            for x, y in zip(xs, ys, strict=True):
-                ax.annotate(
-                    f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(0, 6),
-                    ha="center", fontsize=7, color=color,
-                )  # fmt: skip
-        ax.set_xscale("symlog", linthresh=100)
-        ax.set_xlabel("existing containers on the node")
-        ax.set_ylabel(f"chain {what}, p50 (ms, spawn to exit)")
+            if impl != "bridge":  # bridge alone sits just under bridge + masqd-cni
+                for x, y in zip(xs, ys, strict=True):
+                    ax.annotate(
+                        f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7, color=color,
+                    )  # fmt: skip
+        _size_axis(ax, sizes)
+        ax.set_yscale("log")  # the three differ by up to an order of magnitude
+        ax.set_ylabel(f"chain {what}, p50 (ms, spawn to exit, log)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    share = axes[2]
+    for key, color, label in (
+        ("masqd_cni_add_p50_ms", "tab:blue", "ADD"),
+        ("masqd_cni_del_p50_ms", "tab:cyan", "DEL"),
+    ):
+        xs = plotting.column(result.rows, "attachments", impl="bridge+masqd-cni")
+        ys = plotting.column(result.rows, key, impl="bridge+masqd-cni")
+        share.plot(xs, ys, marker="o", color=color, label=f"masqd-cni {label}")
+    plotting.goal_line(share, GOAL_MS, f"goal: {GOAL_MS:g} ms over bridge alone")
+    _size_axis(share, sizes)
+    share.set_ylim(bottom=0)
+    share.set_ylabel("masqd-cni's share of the chain, p50 (ms)")
+    share.grid(alpha=0.3, which="both")
+    share.legend(fontsize=7)
     plotting.save(fig, result, path, "One container through the CNI chain: ADD and DEL")

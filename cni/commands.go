@@ -155,14 +155,14 @@ func cmdCheck(inv *invocation) error {
 		return refused(answer, "look up "+inv.key())
 	}
 	body, _ := answer.body.(map[string]any)
-	list, _ := body["ips"].([]any)
+	list, isList := body["ips"].([]any)
 	heldIPs := make([]string, 0, len(list))
 	for _, item := range list {
 		if s, ok := item.(string); ok {
 			heldIPs = append(heldIPs, s)
 		}
 	}
-	if body == nil || len(heldIPs) != len(list) || body["ips"] == nil {
+	if !isList || len(heldIPs) != len(list) {
 		raw, _ := json.Marshal(answer.body)
 		return cniError(types.ErrInternal, "unexpected answer from masqd", string(raw))
 	}

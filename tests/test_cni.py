@@ -697,6 +697,13 @@ def test_check_fails_when_the_daemon_holds_other_ips(rundir: str) -> None:
     assert "198.18.10.9/24" in obj["details"]
 
 
+@pytest.mark.parametrize("answer", [{"ips": "198.18.10.2/24"}, {"ips": [5]}, {}, ["x"]])
+def test_check_of_a_malformed_answer_is_code_999(rundir: str, answer: Any) -> None:
+    with stand_in(rundir, lambda seen: (200, answer)):
+        obj = invoke("CHECK", sock_config(rundir, prevResult=BRIDGE_RESULT)).error(999)
+    assert obj["msg"] == "unexpected answer from masqd"
+
+
 def test_check_of_an_interface_without_ips_expects_nothing_held(rundir: str) -> None:
     prev = {**BRIDGE_RESULT, "ips": []}
     with stand_in(rundir, lambda seen: (404, {"error": "no attachment"})):
