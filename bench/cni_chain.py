@@ -179,11 +179,13 @@ def run_rounds(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return samples
 
 
-def container_namespaces(count: int, tag: str) -> list[str]:
-    names = [f"mqchain-{tag}-{i}" for i in range(count)]
+def namespace_names(count: int, tag: str) -> list[str]:
+    return [f"mqchain-{tag}-{i}" for i in range(count)]
+
+
+def add_namespaces(names: Iterable[str]) -> None:
     for name in names:
         subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    return names
 
 
 def delete_namespaces(names: Iterable[str]) -> None:

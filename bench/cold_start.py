@@ -91,7 +91,7 @@ def plot(result: Result, path: Path) -> None:
         for limit in sorted({g.limit for g in result.goals if g.unit == "ms"}):
             ax.axvline(limit, color="tab:red", linestyle=":", label=f"goal {limit:g} ms")
         ax.set_xlabel("ms from spawn to exit")
-        ax.set_ylabel("ADDs")
+        ax.set_ylabel("processes")
         ax.legend(fontsize=8)
     else:  # no samples: the scalar timings as bars
         numbers = {

@@ -43,8 +43,10 @@ def _grow(node: str, d: daemon.Daemon, ipam_dir: str, start: int, stop: int) -> 
 def _rounds(
     node: str, d: daemon.Daemon, ipam_dir: str, n: int, rounds: int
 ) -> list[dict[str, Any]]:
-    names = cni_chain.container_namespaces(rounds * len(cni_chain.VARIANTS), f"{os.getpid()}-{n}")
+    # The pid in the names: a run stopped midway (SIGTERM) deletes its own and no others.
+    names = cni_chain.namespace_names(rounds * len(cni_chain.VARIANTS), f"{os.getpid()}-{n}")
     try:
+        cni_chain.add_namespaces(names)
         width = len(cni_chain.VARIANTS)
         spec = {
             "ipam_dir": ipam_dir,
