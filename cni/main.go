@@ -57,7 +57,8 @@ func run() (status int) {
 		}
 	}
 	if e := skel.PluginMainFuncsWithError(p.funcs(), version.PluginSupports(supportedVersions...), ""); e != nil {
-		return fail(p, replyVersion(stdin), e)
+		cniVersion, network := replyVersion(stdin)
+		return failIn(p, cniVersion, network, e)
 	}
 	return 0
 }
@@ -76,33 +77,43 @@ func replaceStdin(data []byte) error {
 	return nil
 }
 
-// replyVersion: the config's cniVersion when this plugin speaks it, else the latest.
-func replyVersion(stdin []byte) string {
+// replyVersion: the config's cniVersion when this plugin speaks it, else the latest; and
+// the network's name, for the log line.
+func replyVersion(stdin []byte) (string, string) {
 	var conf struct {
 		CNIVersion string `json:"cniVersion"`
+		Name       string `json:"name"`
 	}
 	if json.Unmarshal(stdin, &conf) == nil {
 		for _, v := range supportedVersions {
 			if v == conf.CNIVersion {
-				return v
+				return v, conf.Name
 			}
 		}
 	}
-	return latestVersion
+	return latestVersion, conf.Name
 }
 
-// fail prints the spec's error object (with cniVersion, and details even when empty), logs
-// it on stderr, and gives the exit status.
 func fail(p *plugin, cniVersion string, e *types.Error) int {
+	return failIn(p, cniVersion, "", e)
+}
+
+// failIn prints the spec's error object (with cniVersion, and details even when empty),
+// logs it on stderr as "masqd-cni: COMMAND network/container/ifname: error ...", and gives
+// the exit status.
+func failIn(p *plugin, cniVersion, network string, e *types.Error) int {
 	summary := fmt.Sprintf("error %d: %s", e.Code, e.Msg)
 	if e.Details != "" {
 		summary += ": " + e.Details
 	}
-	command := os.Getenv("CNI_COMMAND")
-	if id := os.Getenv("CNI_CONTAINERID"); id != "" && command != "VERSION" {
-		command += " " + id + "/" + os.Getenv("CNI_IFNAME")
+	label, key := os.Getenv("CNI_COMMAND"), network
+	if id := os.Getenv("CNI_CONTAINERID"); id != "" {
+		key = network + "/" + id + "/" + os.Getenv("CNI_IFNAME")
 	}
-	fmt.Fprintf(p.stderr, "masqd-cni: %s: %s\n", command, summary)
+	if key != "" {
+		label += " " + key
+	}
+	fmt.Fprintf(p.stderr, "masqd-cni: %s: %s\n", label, summary)
 	obj := struct {
 		CNIVersion string `json:"cniVersion"`
 		Code       uint   `json:"code"`
