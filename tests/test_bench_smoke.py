@@ -51,8 +51,8 @@ ROW_KEYS: dict[str, set[str]] = {
     "startup": {"attachments", "start_to_ready_s", "repair_s", "rss_restarted_mib"},
     "idle-cpu": {"attachments", "window_s", "cpu_percent", "syncs"},
     "conn-rate": {"table", "attachments", "conn_per_s", "vs_0"},
-    "per-op": {"impl", "attachments", "p50_ms"},
-    "cni-cold-start": set(),
+    "per-op": {"impl", "attachments", "p50_ms", "del_p50_ms"},
+    "cni-cold-start": {"op", "program", "median_ms", "p99_ms"},
     "nft-runner": {"runner", "elements", "p50_ms", "p99_ms"},
 }
 
@@ -61,6 +61,18 @@ GOALS: dict[str, set[str]] = {
     "burst": {"burst rate (slowest size)"},
     "startup": {"start-up to ready", "RSS (largest reading)"},
     "idle-cpu": {"idle CPU"},
+    "per-op": {
+        "chain ADD: masqd-cni's share, p50 (worst size)",
+        "chain DEL: masqd-cni's share, p50 (worst size)",
+    },
+    "cni-cold-start": {
+        "masqd-cni VERSION median",
+        "masqd-cni ADD median",
+        "masqd-cni ADD p99",
+        "masqd-cni DEL median",
+        "masqd-cni DEL p99",
+        "masqd-cni binary size",
+    },
 }
 
 
