@@ -5,10 +5,21 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := nftables iproute2 containernetworking-plugins prometheus systemd curl
 ARGS ?=
+# masqd-cni: a static Go binary built from the vendored module in cni/ (works offline).
+CNI_PLUGIN := cni/bin/masqd-cni
+CNI_SOURCES := cni/go.mod cni/go.sum cni/vendor/modules.txt $(filter-out %_test.go,$(wildcard cni/*.go))
+# A recipe's shell runs this to get its go command (see cni/find-go.sh).
+GO = $$(./cni/find-go.sh $(abspath $(VENV)))
+# What the tests and benchmarks run the plugin with, built from the CNI projects' own modules
+# (not vendored: only `make test` and `make bench` need them, and the module proxy has them):
+# bridge (a release with the nftables ipMasq backend), host-local, loopback, and cnitool.
+CNI_TOOLS := $(VENV)/cni-tools
+CNI_PLUGINS_MODULE := github.com/containernetworking/plugins@v1.9.1
+CNITOOL_MODULE := github.com/containernetworking/cni/cnitool@v1.3.0
 
-.PHONY: run test lint bench setup apt-deps clean
+.PHONY: run test lint bench setup apt-deps clean test-tools
 
-setup: apt-deps $(STAMP)
+setup: apt-deps $(STAMP) $(CNI_PLUGIN)
 
 # Debian packages the daemon and its tests drive for real (nft, ip, the CNI plugins, promtool,
 # systemd-socket-activate). Installed only when one of their commands is missing.
@@ -30,18 +41,36 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
+$(CNI_PLUGIN): $(STAMP) $(CNI_SOURCES)
+	go=$(GO) && cd cni && CGO_ENABLED=0 $$go build -mod=vendor -trimpath -ldflags='-s -w' -o bin/masqd-cni .
+
+test-tools: $(CNI_TOOLS)/.built
+
+$(CNI_TOOLS)/.built: $(STAMP) Makefile
+	mkdir -p $(CNI_TOOLS)
+	go=$(GO) && cd /tmp && GOBIN=$(abspath $(CNI_TOOLS)) CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
+	  $$go install -trimpath $(foreach p,main/bridge main/loopback ipam/host-local,\
+	    $(subst @,/plugins/$(p)@,$(CNI_PLUGINS_MODULE)))
+	go=$(GO) && cd /tmp && GOBIN=$(abspath $(CNI_TOOLS)) CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
+	  $$go install -trimpath $(CNITOOL_MODULE)
+	touch $@
+
 run: setup
 	$(BIN)/masqd $(ARGS)
 
-test: setup
+test: setup test-tools
+	go=$(GO) && cd cni && $$go test -mod=vendor -count=1 ./...
 	$(BIN)/pytest $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check masqd tests bench
 	$(BIN)/mypy
+	go=$(GO) && cd cni && $$go vet -mod=vendor ./...
+	go=$(GO) && cd cni && out=$$("$$($$go env GOROOT)/bin/gofmt" -l *.go) && \
+	  if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi
 
-bench: setup
+bench: setup test-tools
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cni/bin

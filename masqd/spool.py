@@ -1,4 +1,4 @@
-"""The DEL spool: deletes the CNI plugin could not deliver, waiting for the daemon.
+"""The DEL spool, reading side: deletes the CNI plugin could not deliver, waiting for the daemon.
 
 A runtime's DEL must not fail because masqd is down (restarting, upgrading, crashed), yet the
 attachment must not stay masqueraded for ever. So `masqd-cni` writes the DEL here, beside the
@@ -15,11 +15,9 @@ the same attachment rewrites one file instead of growing the spool:
 A file is written to a dot-prefixed temporary name in the same directory, fsynced, then
 renamed into place, so a reader never sees half an entry.
 
-Bounds: at most `MAX_ENTRIES` entries of at most `MAX_ENTRY_BYTES` each. When the spool is
-full a new entry is refused (`SpoolFull`) rather than evicting an older one: evicting would
-silently forget a DEL, while refusing makes the plugin fail that DEL with "try again later",
-which the runtime retries. An entry for an attachment already spooled is always accepted
-(it replaces the old one and does not grow the spool).
+Bounds: the plugin (cni/spool.go, the writing side) keeps at most 4096 entries and refuses
+a new one when full rather than evicting an older one; an entry is at most `MAX_ENTRY_BYTES`.
+docs/cni.md specifies the format for both sides.
 
 Trust: whoever can write the spool can make the daemon delete attachments, bypassing the
 socket's peer-credential check, and the socket may sit in a shared directory such as /tmp.
@@ -29,10 +27,9 @@ owner alone (`UnsafeSpool` otherwise: nothing in it is applied, and nothing is c
 through it; the daemon reports the problem). Entries are opened, listed and removed
 relative to that descriptor, never by a path that could be swapped meanwhile.
 
-Both sides are standard library only (Python 3.8 for the plugin: see `cni`) and synchronous:
-the plugin imports this module only on the rare path that needs it, and the daemon calls it
-from a thread or directly (each call is a few system calls on a directory that is almost
-always empty).
+
+This side is synchronous: the daemon calls it from a thread or directly (each call is a few
+system calls on a directory that is almost always empty).
 """
 
 from __future__ import annotations
@@ -52,17 +49,12 @@ FORMAT_VERSION = 1
 ENTRY_PREFIX = "del-"
 ENTRY_SUFFIX = ".json"
 TEMP_PREFIX = ".tmp-"
-MAX_ENTRIES = 4096
 MAX_ENTRY_BYTES = 4096
 # A temporary file older than this belongs to a writer that died between create and rename.
 STALE_TEMP_SECONDS = 60.0
 # File timestamps come from the kernel's coarse clock (one jiffy, up to 10 ms): a change made
 # within this window after a directory was sampled may leave its mtime unchanged.
 MTIME_GRANULARITY_SECONDS = 0.05
-
-
-class SpoolFull(Exception):
-    """The spool holds `MAX_ENTRIES` entries already; the DEL was not recorded."""
 
 
 class UnsafeSpool(Exception):
@@ -128,71 +120,6 @@ def ensure_spool_dir(spool_dir: str) -> None:
             raise UnsafeSpool(f"{spool_dir}: vanished while it was being created")
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
             os.fchmod(fd, 0o700)  # ours and not writable by others: only tighten it
-
-
-def spool_delete(
-    spool_dir: str, network: str, container_id: str, ifname: str, *, now: float | None = None
-) -> str:
-    """Record a DEL for the daemon, atomically; the path of the entry.
-
-    Raises `SpoolFull` when the spool is full, ValueError when the entry would exceed
-    `MAX_ENTRY_BYTES`, OSError when the directory cannot be written.
-    """
-    record = {
-        "version": FORMAT_VERSION,
-        "network": network,
-        "container_id": container_id,
-        "ifname": ifname,
-        "spooled_at": time.time() if now is None else now,
-    }
-    data = json.dumps(record).encode()
-    if len(data) > MAX_ENTRY_BYTES:
-        raise ValueError(f"spool entry would be {len(data)} bytes, more than {MAX_ENTRY_BYTES}")
-    if not os.path.isdir(spool_dir):
-        # The daemon never ran here yet: make its socket directory as it would (0750).
-        os.makedirs(os.path.dirname(os.path.abspath(spool_dir)), mode=0o750, exist_ok=True)
-        os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-    name = entry_name(network, container_id, ifname)
-    path = os.path.join(spool_dir, name)
-    if not os.path.exists(path) and count_entries(spool_dir) >= MAX_ENTRIES:
-        raise SpoolFull(f"{spool_dir} already holds {MAX_ENTRIES} undelivered deletes")
-    tmp = os.path.join(spool_dir, f"{TEMP_PREFIX}{name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    _fsync_dir(spool_dir)
-    return path
-
-
-def cancel_delete(spool_dir: str, network: str, container_id: str, ifname: str) -> bool:
-    """Drop a spooled DEL of this key, if any: the attachment is being set up again.
-
-    Without this, a DEL spooled earlier could be applied after the new ADD and tear the fresh
-    attachment down. True when an entry was removed.
-    """
-    try:
-        os.unlink(os.path.join(spool_dir, entry_name(network, container_id, ifname)))
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def count_entries(spool_dir: str) -> int:
-    try:
-        with os.scandir(spool_dir) as it:
-            return sum(1 for e in it if _is_entry_name(e.name))
-    except FileNotFoundError:
-        return 0
 
 
 def read_spooled_deletes(spool_dir: str, *, now: float | None = None) -> SpoolScan:
@@ -365,16 +292,3 @@ def _read_entry(path: str, dir_fd: int, name: str) -> SpooledDelete | str | None
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _fsync_dir(path: str) -> None:
-    # Makes the rename durable on a disk-backed directory; a no-op cost on tmpfs (/run).
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,6 +25,7 @@ import pytest
 from bench import BENCHMARKS
 from bench.__main__ import main, run_one
 from bench.harness import REPO_ROOT
+from tests.netns import netns, nft
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="benchmarks build network namespaces: root only"
@@ -50,8 +51,8 @@ ROW_KEYS: dict[str, set[str]] = {
     "startup": {"attachments", "start_to_ready_s", "repair_s", "rss_restarted_mib"},
     "idle-cpu": {"attachments", "window_s", "cpu_percent", "syncs"},
     "conn-rate": {"table", "attachments", "conn_per_s", "vs_0"},
-    "per-op": {"impl", "attachments", "p50_ms"},
-    "cni-cold-start": set(),
+    "per-op": {"impl", "attachments", "p50_ms", "del_p50_ms"},
+    "cni-cold-start": {"op", "program", "median_ms", "p99_ms"},
     "nft-runner": {"runner", "elements", "p50_ms", "p99_ms"},
     "hostile": {"attack", "attachments", "put_p50_ms", "vs_quiet", "peak_rss_mib"},
 }
@@ -61,6 +62,18 @@ GOALS: dict[str, set[str]] = {
     "burst": {"burst rate (slowest size)"},
     "startup": {"start-up to ready", "RSS (largest reading)"},
     "idle-cpu": {"idle CPU"},
+    "per-op": {
+        "chain ADD: masqd-cni's share, p50 (worst size)",
+        "chain DEL: masqd-cni's share, p50 (worst size)",
+    },
+    "cni-cold-start": {
+        "masqd-cni VERSION median",
+        "masqd-cni ADD median",
+        "masqd-cni ADD p99",
+        "masqd-cni DEL median",
+        "masqd-cni DEL p99",
+        "masqd-cni binary size",
+    },
 }
 
 
@@ -120,21 +133,60 @@ def test_per_rule_comment_is_the_cni_plugins_hash_then_the_readable_part() -> No
     assert len(perrule.comment_for_instance("n", "eth0", "x" * 300)) == 128
 
 
-def test_per_rule_add_transaction_ensures_chains_refills_postrouting_and_drops_stale_rules() -> (
-    None
-):
+def test_per_rule_table_script_has_the_chains_then_a_rule_per_ip() -> None:
     from bench import perrule
-    from bench.addresses import attachment
+    from bench.addresses import attachments
 
-    lines = perrule.add_transaction(attachment(0), stale_handles=[7]).splitlines()
+    lines = perrule.table_script(attachments(0, 2)).splitlines()
     assert lines[3] == "flush chain inet cni_plugins_masquerade postrouting"
     assert lines[6] == "add rule inet cni_plugins_masquerade postrouting goto masq_checks"
-    assert lines[7] == "delete rule inet cni_plugins_masquerade masq_checks handle 7"
-    assert lines[8].startswith(
+    assert lines[7].startswith(
         "add rule inet cni_plugins_masquerade masq_checks "
         "ip saddr == 198.18.0.1 ip daddr != 198.18.0.0/16 masquerade comment "
     )
-    assert "ip6 saddr == 2001:db8::1 ip6 daddr != 2001:db8::/64 masquerade" in lines[9]
+    assert "ip6 saddr == 2001:db8::1 ip6 daddr != 2001:db8::/64 masquerade" in lines[8]
+    assert len(lines) == 7 + 4
+
+
+def _listed_table(ns: str) -> list[dict[str, Any]]:
+    """The per-rule table as `nft -j` lists it, without handles (they differ run to run)."""
+    listing = json.loads(nft(ns, "-j", "list", "table", "inet", "cni_plugins_masquerade").stdout)
+    objects = [o for o in listing["nftables"] if "metainfo" not in o]
+    for o in objects:
+        for body in o.values():
+            body.pop("handle", None)
+    return objects
+
+
+@pytest.mark.kernel
+@needs_root
+def test_the_prefilled_per_rule_table_is_what_the_upstream_plugin_writes(tmp_path: Path) -> None:
+    """per-op prefills N containers' rules with a script (bench.perrule); the real bridge
+    plugin with its nftables ipMasq must leave exactly that table for the same container."""
+    from bench import cni_chain, perrule
+    from bench.addresses import NETWORK, Attachment
+
+    cni_chain.require_tools()
+    conf = cni_chain.bridge_config("bridge ipMasq nftables", str(tmp_path / "ipam"))
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(cni_chain.CNI_TOOLS),
+    }
+    with netns("node") as node, netns("ctr") as ctr, netns("copy") as copy:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", node, str(cni_chain.CNI_TOOLS / "bridge")],
+            input=json.dumps(conf).encode(),
+            env={**env, "CNI_NETNS": f"/run/netns/{ctr}"},
+            capture_output=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        ips = tuple(ip["address"] for ip in json.loads(proc.stdout)["ips"])
+        nft(copy, "-f", "-", input=perrule.table_script([Attachment(NETWORK, "c1", "eth0", ips)]))
+        assert _listed_table(copy) == _listed_table(node)
 
 
 def test_benchmark_addresses_are_unique_host_addresses_of_the_benchmark_ranges() -> None:

@@ -1,26 +1,30 @@
-"""masqd-cni, driven as a container runtime drives it: environment variables, config on stdin.
+"""masqd-cni (the Go binary built from cni/), driven as a container runtime drives it.
 
 Three layers, fastest first:
-- the plugin's logic in-process (`cni.run` with in-memory streams): versions, environment,
-  config checks, IP selection, result conversion, error objects;
-- the plugin against a stand-in daemon on a real Unix socket: requests it sends, how it
-  waits, retries, spools and maps the daemon's answers to CNI error codes;
-- the real executable, the real `bridge` and `host-local` plugins and the real daemon in
-  network namespaces, with real connections to an outside namespace (kernel tests).
+- the executable alone: versions, environment, config checks, result conversion, error
+  objects (the CNI project's skel and types do most of it, so this pins what runtimes see);
+- the executable against a stand-in daemon on a real Unix socket: the requests it sends, how
+  it waits, retries, spools and maps the daemon's answers to CNI error codes;
+- the executable, the upstream `bridge`, `host-local` and `loopback` plugins and the real
+  daemon in network namespaces, with real connections to an outside namespace (kernel
+  tests), run by hand as a runtime does and through libcni (`cnitool`).
+
+`make setup` builds the plugin (cni/bin/masqd-cni); `make test` also builds the upstream
+plugins and cnitool into .venv/cni-tools. MASQD_CNI_TEST_PLUGIN names another build to test.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import hashlib
 import itertools
 import json
 import os
 import shutil
 import socket
 import socketserver
+import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from masqd import cni, spool
+from masqd import spool
 from tests.daemon import MasqdProcess, masqueraded
 from tests.netns import (
     Endpoint,
@@ -43,23 +47,24 @@ from tests.netns import (
     start_echo_server,
     veth,
 )
+from tests.spool_entries import write_entry
 
 REPO = Path(__file__).resolve().parent.parent
-_SCRIPT = REPO / ".venv" / "bin" / "masqd-cni"
-# MASQD_CNI_TEST_PLUGIN (a command line) runs these tests against another build of the plugin,
-# say the node's zip application under an older python3.
-PLUGIN = (
-    os.environ["MASQD_CNI_TEST_PLUGIN"].split()
-    if os.environ.get("MASQD_CNI_TEST_PLUGIN")
-    else [str(_SCRIPT)]
-    if _SCRIPT.exists()
-    else [sys.executable, "-m", "masqd.cni"]
-)
+PLUGIN_PATH = Path(os.environ.get("MASQD_CNI_TEST_PLUGIN") or REPO / "cni" / "bin" / "masqd-cni")
+PLUGIN = [str(PLUGIN_PATH)]
 MASQD = REPO / ".venv" / "bin" / "masqd"
-CNI_BIN = "/usr/lib/cni"
-BRIDGE = f"{CNI_BIN}/bridge"
+# The CNI projects' own builds (make test-tools): bridge with the nftables ipMasq backend and
+# CNI 1.1.0, host-local, loopback, cnitool. Debian's plugins (1.1.1) stop at CNI 1.0.0.
+CNI_TOOLS = Path(os.environ.get("MASQD_CNI_TOOLS") or REPO / ".venv" / "cni-tools")
+CNI_BIN = str(CNI_TOOLS)
+BRIDGE = str(CNI_TOOLS / "bridge")
+CNITOOL = str(CNI_TOOLS / "cnitool")
+SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+DEFAULT_SOCKET = "/run/masqd/masqd.sock"
+VECTORS = json.loads((REPO / "tests" / "vectors" / "names.json").read_text())
 
 # A bridge result as the bridge plugin prints it (1.0.0): host bridge, host veth, container.
+# (The CNI library leaves out an empty `dns`, so the bridge does and so does masqd-cni.)
 BRIDGE_RESULT: dict[str, Any] = {
     "cniVersion": "1.0.0",
     "interfaces": [
@@ -72,11 +77,16 @@ BRIDGE_RESULT: dict[str, Any] = {
         {"interface": 2, "address": "2001:db8:10::2/64", "gateway": "2001:db8:10::1"},
     ],
     "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-    "dns": {},
 }
 
 
-# ---- in-process invocation ----------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def _plugin_built() -> None:
+    if not os.access(PLUGIN_PATH, os.X_OK):
+        pytest.fail(f"{PLUGIN_PATH} is missing: `make setup` builds it")
+
+
+# ---- running the executable ---------------------------------------------------------------
 
 
 @dataclass
@@ -91,12 +101,30 @@ class Outcome:
 
     def error(self, code: int) -> dict[str, Any]:
         """The CNI error object on stdout, after checking it is exactly one with `code`."""
-        assert self.rc != 0, self
+        assert self.rc == 1, self
         obj: dict[str, Any] = self.json
         assert sorted(obj) == ["cniVersion", "code", "details", "msg"], obj
         assert obj["code"] == code, obj
         assert self.stderr.strip(), "an error is also logged on stderr"
         return obj
+
+
+def run_in(
+    ns: str | None, argv: list[str], command: str, conf: dict[str, Any] | bytes, env: dict[str, str]
+) -> Outcome:
+    """Run a CNI plugin as a runtime does: CNI_* variables, config on stdin, in namespace `ns`."""
+    full_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "CNI_COMMAND": command,
+        "CNI_PATH": CNI_BIN,
+        **env,
+    }
+    prefix = ["ip", "netns", "exec", ns] if ns else []
+    data = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
+    proc = subprocess.run(
+        [*prefix, *argv], input=data, env=full_env, capture_output=True, timeout=60, check=False
+    )
+    return Outcome(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
 def environ(command: str, **overrides: str | None) -> dict[str, str]:
@@ -123,9 +151,15 @@ def config(version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
 
 def invoke(command: str, conf: dict[str, Any] | bytes, **env: str | None) -> Outcome:
     data = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
-    out, err = io.StringIO(), io.StringIO()
-    rc = cni.run(environ(command, **env), io.BytesIO(data), out, err)
-    return Outcome(rc, out.getvalue(), err.getvalue())
+    proc = subprocess.run(
+        PLUGIN,
+        input=data,
+        env={"PATH": "/usr/bin:/bin", **environ(command, **env)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return Outcome(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
 def short_tmpdir() -> str:
@@ -142,34 +176,57 @@ def rundir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-# ---- versions, environment, configuration -------------------------------------------------
+# ---- the executable itself --------------------------------------------------------------
+
+
+def _elf_program_header_types(path: Path) -> list[int]:
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "a 64-bit little-endian ELF"
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    return [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
+
+
+def test_the_plugin_is_one_small_static_executable() -> None:
+    """No interpreter, no shared libraries: it runs on any node, Python or not."""
+    PT_INTERP, PT_DYNAMIC = 3, 2
+    types = _elf_program_header_types(PLUGIN_PATH)
+    assert PT_INTERP not in types and PT_DYNAMIC not in types, types
+    assert PLUGIN_PATH.stat().st_size < 10 * 1024 * 1024
+    if shutil.which("file"):
+        described = subprocess.run(
+            ["file", "-b", str(PLUGIN_PATH)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "statically linked" in described, described
 
 
 def test_version_reports_every_supported_version() -> None:
     out = invoke(
         "VERSION", b"", CNI_CONTAINERID=None, CNI_NETNS=None, CNI_IFNAME=None, CNI_PATH=None
     )
-    assert out.rc == 0
-    assert out.json == {
-        "cniVersion": "1.1.0",
-        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"],
-    }
+    assert out.rc == 0, out
+    assert out.json == {"cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS}
 
 
 @pytest.mark.parametrize(
     ("stdin", "code", "msg"),
     [
-        (b'{"cniVersion": "1.0.0", "name": ', 6, "error unmarshalling network config"),
-        (b"\xff\xfe", 6, "error unmarshalling network config"),
-        (b'["a list"]', 6, "must be a JSON object"),
+        (b'{"cniVersion": "1.0.0", "name": ', 6, "error unmarshall network config"),
+        (b"\xff\xfe", 6, "error unmarshall network config"),
+        (b'["a list"]', 6, "error unmarshall network config"),
+        (b'{"cniVersion": "1.0.0", "name": 5}', 6, "error unmarshall network config"),
         (b'{"cniVersion": "1.0.0", "type": "masqd-cni"}', 7, "missing network name"),
         (b'{"cniVersion": "1.0.0", "name": ""}', 7, "missing network name"),
         (b'{"cniVersion": "1.0.0", "name": "bad/name"}', 7, "invalid characters"),
-        (b'{"cniVersion": "1.0.0", "name": 5}', 7, "invalid characters"),
         (b'{"cniVersion": "9.9.9", "name": "n"}', 1, "incompatible CNI versions"),
         (b'{"cniVersion": "0.2.0", "name": "n"}', 1, "incompatible CNI versions"),
         (b'{"name": "n"}', 1, "incompatible CNI versions"),  # no cniVersion means 0.1.0
-        (b'{"cniVersion": 1, "name": "n"}', 6, "cniVersion must be a string"),
+        (b'{"cniVersion": 1, "name": "n"}', 6, "cniVersion"),
+        (
+            json.dumps(config(prevResult=BRIDGE_RESULT, name="n" * 65)).encode(),
+            7,
+            "masqd cannot hold this network name",
+        ),
     ],
 )
 def test_undecodable_or_invalid_config_is_an_error_object(
@@ -193,8 +250,13 @@ def test_undecodable_or_invalid_config_is_an_error_object(
         ("ADD", {"CNI_CONTAINERID": "-starts-with-dash"}, "invalid characters in containerID"),
         ("DEL", {"CNI_CONTAINERID": "has space"}, "invalid characters in containerID"),
         ("ADD", {"CNI_IFNAME": "eth/0"}, "contains / or :"),
-        ("DEL", {"CNI_IFNAME": "a-very-long-ifname"}, "longer than 15 bytes"),
-        ("ADD", {"CNI_IFNAME": ".."}, "must not be '.' or '..'"),
+        ("DEL", {"CNI_IFNAME": "a-very-long-ifname"}, "interface name is too long"),
+        ("ADD", {"CNI_IFNAME": ".."}, "interface name is . or .."),
+        # The CNI spec allows these; masqd cannot hold them, so ADD says so before asking.
+        ("ADD", {"CNI_IFNAME": 'e"x'}, "masqd cannot hold this interface name"),
+        ("ADD", {"CNI_IFNAME": "eth0~"}, "masqd cannot hold this interface name"),
+        ("ADD", {"CNI_IFNAME": "e\u202ex"}, "masqd cannot hold this interface name"),
+        ("CHECK", {"CNI_CONTAINERID": "c" * 129}, "masqd cannot hold this container ID"),
     ],
 )
 def test_missing_or_invalid_environment_is_code_4(
@@ -253,62 +315,6 @@ def test_check_without_prev_result_is_code_7() -> None:
     invoke("CHECK", config()).error(7)
 
 
-def test_error_object_speaks_the_config_version_when_it_can() -> None:
-    assert invoke("ADD", config("0.4.0")).error(7)["cniVersion"] == "0.4.0"
-    unknown = b'{"cniVersion": "9.9.9", "name": "n"}'
-    assert invoke("ADD", unknown).error(1)["cniVersion"] == cni.LATEST_VERSION
-
-
-# ---- IP selection and result conversion ----------------------------------------------------
-
-
-def test_add_takes_only_the_sandbox_interface_ips() -> None:
-    prev = json.loads(json.dumps(BRIDGE_RESULT))
-    prev["ips"].append({"interface": 0, "address": "198.18.10.1/24"})  # the host's bridge
-    assert cni.select_ips(prev, "eth0") == ["198.18.10.2/24", "2001:db8:10::2/64"]
-
-
-def test_a_host_interface_with_the_same_name_is_not_ours() -> None:
-    prev = {
-        "interfaces": [{"name": "eth0"}, {"name": "eth0", "sandbox": "/var/run/netns/x"}],
-        "ips": [
-            {"interface": 0, "address": "198.18.1.1/24"},
-            {"interface": 1, "address": "198.18.1.2/24"},
-        ],
-    }
-    assert cni.select_ips(prev, "eth0") == ["198.18.1.2/24"]
-
-
-def test_ips_of_other_container_interfaces_are_not_taken() -> None:
-    prev = {
-        "interfaces": [
-            {"name": "eth0", "sandbox": "/ns"},
-            {"name": "net1", "sandbox": "/ns"},
-        ],
-        "ips": [
-            {"interface": 0, "address": "198.18.1.2/24"},
-            {"interface": 1, "address": "198.18.2.2/24"},
-            {"interface": 7, "address": "198.18.3.2/24"},  # no such interface
-            {"interface": True, "address": "198.18.4.2/24"},  # not an index
-        ],
-    }
-    assert cni.select_ips(prev, "net1") == ["198.18.2.2/24"]
-    assert cni.select_ips(prev, "eth9") == []
-
-
-def test_when_no_ip_names_an_interface_all_are_taken() -> None:
-    prev = {
-        "cniVersion": "0.4.0",
-        "ips": [
-            {"version": "4", "address": "198.18.1.2/24"},
-            {"version": "6", "address": "2001:db8:1::2/64"},
-            {"version": "4", "address": "198.18.1.2/24"},
-        ],
-    }
-    assert cni.select_ips(prev, "eth0") == ["198.18.1.2/24", "2001:db8:1::2/64"]
-    assert cni.select_ips({"cniVersion": "1.0.0"}, "eth0") == []
-
-
 @pytest.mark.parametrize(
     "prev",
     [
@@ -316,90 +322,21 @@ def test_when_no_ip_names_an_interface_all_are_taken() -> None:
         {"ips": ["198.18.1.2/24"]},
         {"ips": [{"interface": 0}]},
         {"ips": [{"address": 5}]},
+        {"ips": [{"address": "198.18.1.2"}]},
         {"interfaces": "eth0", "ips": []},
+        {"ips": [{"interface": True, "address": "198.18.1.2/24"}]},
+        "a string",
     ],
 )
-def test_malformed_prev_result_is_code_7(prev: dict[str, Any]) -> None:
-    with pytest.raises(cni.CniError) as caught:
-        cni.select_ips(prev, "eth0")
-    assert caught.value.code == 7
+def test_malformed_prev_result_is_code_7(prev: Any) -> None:
+    invoke("ADD", config(prevResult=prev)).error(7)
 
 
-def test_result_in_the_same_version_is_unchanged() -> None:
-    assert cni.convert_result(BRIDGE_RESULT, "1.0.0") == BRIDGE_RESULT
-
-
-def test_result_gains_ip_versions_below_1_0_and_loses_them_from_1_0() -> None:
-    old = cni.convert_result(BRIDGE_RESULT, "0.4.0")
-    assert old["cniVersion"] == "0.4.0"
-    assert [ip["version"] for ip in old["ips"]] == ["4", "6"]
-    assert old["interfaces"] == BRIDGE_RESULT["interfaces"]
-    new = cni.convert_result(old, "1.1.0")
-    assert new == {**BRIDGE_RESULT, "cniVersion": "1.1.0"}
-
-
-def test_valid_attachments_accept_both_keys_and_drop_impossible_entries() -> None:
-    entries = [
-        {"containerID": "c1", "ifname": "eth0", "extra": "kept out"},
-        {"containerID": "c1", "ifname": "eth0"},
-        {"containerID": "bad id", "ifname": "eth0"},
-        {"containerID": "c2", "ifname": "e/th"},
-        {"containerID": "c3", "ifname": "net1"},
-    ]
-    expected = [{"container_id": "c1", "ifname": "eth0"}, {"container_id": "c3", "ifname": "net1"}]
-    assert cni.valid_attachments({"cni.dev/valid-attachments": entries}) == expected
-    assert cni.valid_attachments({"cni.dev/attachments": entries}) == expected
-    assert cni.valid_attachments({"cni.dev/valid-attachments": []}) == []
-
-
-@pytest.mark.parametrize(
-    "conf",
-    [
-        {},
-        {"cni.dev/valid-attachments": None},
-        {"cni.dev/valid-attachments": [{"containerID": "c1"}]},
-        {"cni.dev/valid-attachments": ["c1"]},
-    ],
-)
-def test_gc_without_a_usable_valid_list_is_code_7_never_an_empty_list(conf: dict[str, Any]) -> None:
-    with pytest.raises(cni.CniError) as caught:
-        cni.valid_attachments(conf)
-    assert caught.value.code == 7
-
-
-def test_path_segments_are_percent_encoded() -> None:
-    assert cni._quote("eth0") == "eth0"
-    assert cni._quote("e%t@h ü") == "e%25t%40h%20%C3%BC"
-
-
-def test_importing_the_plugin_loads_nothing_slow() -> None:
-    code = (
-        "import sys; before = set(sys.modules); import masqd.cni; "
-        "print(' '.join(sorted(set(sys.modules) - before)))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
-    )
-    loaded = set(proc.stdout.split())
-    slow = {
-        "asyncio",
-        "email",
-        "http.client",
-        "ssl",
-        "typing",
-        "dataclasses",
-        "logging",
-        "pydantic",
-        "aiohttp",
-        "masqd.models",
-        "masqd.spool",
-        "hashlib",
-        "ipaddress",
-        "urllib.parse",
-        "argparse",
-        "pathlib",
-    }
-    assert loaded & slow == set(), loaded
+def test_error_object_speaks_the_config_version_when_it_can() -> None:
+    assert invoke("ADD", config("0.4.0")).error(7)["cniVersion"] == "0.4.0"
+    unknown = b'{"cniVersion": "9.9.9", "name": "n"}'
+    assert invoke("ADD", unknown).error(1)["cniVersion"] == "1.1.0"
+    assert invoke("ADD", b"{", CNI_COMMAND=None).error(4)["cniVersion"] == "1.1.0"
 
 
 # ---- against a stand-in daemon ------------------------------------------------------------
@@ -470,6 +407,7 @@ def stand_in(
         server.shutdown()
         server.server_close()
         thread.join()
+        os.unlink(state.socket)
 
 
 def sock_config(directory: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
@@ -481,6 +419,14 @@ def spool_files(directory: str) -> list[str]:
         return sorted(os.listdir(f"{directory}/spool"))
     except FileNotFoundError:
         return []
+
+
+def put_ips(rundir: str, prev: dict[str, Any], version: str = "1.0.0", **env: str) -> list[str]:
+    """The IPs ADD asks the daemon to masquerade for `prev` ([] when it asks nothing)."""
+    with stand_in(rundir) as daemon:
+        out = invoke("ADD", sock_config(rundir, version, prevResult=prev), **env)
+    assert out.rc == 0, out
+    return [ip for seen in daemon.seen for ip in seen.body["ips"]]
 
 
 def test_add_puts_the_sandbox_ips_and_prints_prev_result(rundir: str) -> None:
@@ -495,25 +441,85 @@ def test_add_puts_the_sandbox_ips_and_prints_prev_result(rundir: str) -> None:
     assert seen.headers["Content-Type"] == "application/json"
 
 
-def test_add_prints_the_result_in_the_requested_version(rundir: str) -> None:
-    prev = cni.convert_result(BRIDGE_RESULT, "0.4.0")
+def test_add_takes_only_the_sandbox_interface_ips(rundir: str) -> None:
+    prev = json.loads(json.dumps(BRIDGE_RESULT))
+    prev["ips"].append({"interface": 0, "address": "198.18.10.1/24"})  # the host's bridge
+    assert put_ips(rundir, prev) == ["198.18.10.2/24", "2001:db8:10::2/64"]
+
+
+def test_a_host_interface_with_the_same_name_is_not_ours(rundir: str) -> None:
+    prev = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0"}, {"name": "eth0", "sandbox": "/var/run/netns/x"}],
+        "ips": [
+            {"interface": 0, "address": "198.18.1.1/24"},
+            {"interface": 1, "address": "198.18.1.2/24"},
+        ],
+    }
+    assert put_ips(rundir, prev) == ["198.18.1.2/24"]
+
+
+def test_ips_of_other_container_interfaces_are_not_taken(rundir: str) -> None:
+    prev = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": "/ns"}, {"name": "net1", "sandbox": "/ns"}],
+        "ips": [
+            {"interface": 0, "address": "198.18.1.2/24"},
+            {"interface": 1, "address": "198.18.2.2/24"},
+            {"interface": 7, "address": "198.18.3.2/24"},  # no such interface
+        ],
+    }
+    assert put_ips(rundir, prev, CNI_IFNAME="net1") == ["198.18.2.2/24"]
+    assert put_ips(rundir, prev, CNI_IFNAME="eth9") == []
+
+
+def test_when_no_ip_names_an_interface_all_are_taken_once(rundir: str) -> None:
+    prev = {
+        "cniVersion": "0.4.0",
+        "ips": [
+            {"version": "4", "address": "198.18.1.2/24"},
+            {"version": "6", "address": "2001:db8:1::2/64"},
+            {"version": "4", "address": "198.18.1.2/24"},
+        ],
+    }
+    assert put_ips(rundir, prev, "0.4.0") == ["198.18.1.2/24", "2001:db8:1::2/64"]
+
+
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0"])
+def test_add_prints_a_pre_1_0_result_with_ip_versions(rundir: str, version: str) -> None:
+    prev = {
+        **BRIDGE_RESULT,
+        "cniVersion": version,
+        "ips": [
+            {**ip, "version": "6" if ":" in ip["address"] else "4"} for ip in BRIDGE_RESULT["ips"]
+        ],
+    }
     with stand_in(rundir):
-        out = invoke("ADD", sock_config(rundir, "0.4.0", prevResult=prev))
-    assert out.json == prev
+        out = invoke("ADD", sock_config(rundir, version, prevResult=prev))
+    assert out.rc == 0, out
+    assert out.json == {**prev, "dns": {}}  # the library's 0.x result always has dns
+
+
+def test_add_prints_the_result_in_the_config_version(rundir: str) -> None:
+    # libcni hands prevResult over in the config's version; 1.0.0 and 1.1.0 share a format.
+    with stand_in(rundir):
+        out = invoke("ADD", sock_config(rundir, "1.1.0", prevResult=BRIDGE_RESULT))
+    assert out.rc == 0, out
+    assert out.json == {**BRIDGE_RESULT, "cniVersion": "1.1.0"}
 
 
 def test_add_percent_encodes_an_unusual_interface_name(rundir: str) -> None:
     prev = {"cniVersion": "1.0.0", "ips": [{"address": "198.18.1.2/24"}]}
     with stand_in(rundir) as daemon:
-        assert invoke("ADD", sock_config(rundir, prevResult=prev), CNI_IFNAME="e%t@h").rc == 0
-    assert daemon.seen[0].path == "/v1/attachments/net1/ctr1/e%25t%40h"
+        assert invoke("ADD", sock_config(rundir, prevResult=prev), CNI_IFNAME="e%t@hü").rc == 0
+    assert daemon.seen[0].path == "/v1/attachments/net1/ctr1/e%25t%40h%C3%BC"
 
 
 def test_add_with_no_ip_for_the_interface_passes_through_without_the_daemon(rundir: str) -> None:
     prev = {**BRIDGE_RESULT, "ips": []}
     out = invoke("ADD", sock_config(rundir, prevResult=prev))  # no daemon at all
-    assert out.rc == 0
-    assert out.json == prev
+    assert out.rc == 0, out
+    assert out.json == {k: v for k, v in prev.items() if k != "ips"}  # an empty list is omitted
     assert "nothing to masquerade" in out.stderr
 
 
@@ -535,8 +541,8 @@ def test_add_gives_up_with_code_11_after_the_wait_when_the_daemon_is_absent(rund
     elapsed = time.monotonic() - started
     obj = out.error(11)
     assert "after waiting 0.4s" in obj["msg"]
-    assert "No such file or directory" in obj["details"]
-    assert 0.4 <= elapsed < 2.0
+    assert "no such file or directory" in obj["details"]
+    assert elapsed >= 0.4
 
 
 def test_add_gives_up_with_code_11_when_the_daemon_stays_unready(rundir: str) -> None:
@@ -552,7 +558,7 @@ def test_a_refused_socket_counts_as_absent(rundir: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(path)  # bound but never listening: connect() is refused
         out = invoke("ADD", sock_config(rundir, prevResult=BRIDGE_RESULT, daemonWaitSeconds=0.2))
-    assert "Connection refused" in out.error(11)["details"]
+    assert "connection refused" in out.error(11)["details"]
 
 
 @pytest.mark.parametrize(
@@ -569,9 +575,11 @@ def test_add_maps_daemon_refusals_to_cni_codes(rundir: str, status: int, code: i
 
 
 def test_add_drops_a_spooled_delete_of_the_same_attachment(rundir: str) -> None:
+    # Entries written as docs/cni.md describes them (tests/spool_entries.py): the plugin
+    # finds the one of its key by name.
     spool_dir = f"{rundir}/spool"
-    spool.spool_delete(spool_dir, "net1", "ctr1", "eth0")
-    spool.spool_delete(spool_dir, "net1", "other", "eth0")
+    write_entry(spool_dir, "net1", "ctr1", "eth0")
+    write_entry(spool_dir, "net1", "other", "eth0")
     with stand_in(rundir):
         assert invoke("ADD", sock_config(rundir, prevResult=BRIDGE_RESULT)).rc == 0
     assert [e.container_id for e in spool.read_spooled_deletes(spool_dir).entries] == ["other"]
@@ -591,11 +599,23 @@ def test_del_succeeds_silently_when_the_daemon_answers(rundir: str, status: int)
 def test_del_spools_at_once_when_the_daemon_is_absent(rundir: str) -> None:
     started = time.monotonic()
     out = invoke("DEL", sock_config(rundir, daemonWaitSeconds=10), CNI_NETNS=None)
-    assert time.monotonic() - started < 1.0  # no waiting for the daemon
+    assert time.monotonic() - started < 5.0  # far below daemonWaitSeconds: no waiting
     assert (out.rc, out.stdout) == (0, "")
     assert "DEL spooled" in out.stderr
     (entry,) = spool.read_spooled_deletes(f"{rundir}/spool").entries
     assert entry.key == ("net1", "ctr1", "eth0")
+    assert abs(entry.spooled_at - time.time()) < 60
+
+
+@pytest.mark.parametrize("ifname", VECTORS["ifname"]["valid"])
+def test_what_the_plugin_spools_the_daemon_reads_back(rundir: str, ifname: str) -> None:
+    """The format in both directions: the Go writer's file names and JSON are what the Python
+    reader accepts, for every interface name the two sides agree on."""
+    out = invoke("DEL", sock_config(rundir), CNI_IFNAME=ifname, CNI_NETNS=None)
+    assert (out.rc, out.stdout) == (0, ""), out
+    scan = spool.read_spooled_deletes(f"{rundir}/spool")
+    assert scan.problems == ()
+    assert [e.key for e in scan.entries] == [("net1", "ctr1", ifname)]
 
 
 @pytest.mark.parametrize("status", [503, 500])
@@ -606,16 +626,14 @@ def test_del_spools_when_the_daemon_cannot_apply_it(rundir: str, status: int) ->
     assert len(spool_files(rundir)) == 1
 
 
-def test_del_spools_when_the_daemon_never_answers(
-    rundir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(cni, "DEL_TIMEOUT_SECONDS", 0.2)
+@pytest.mark.slow
+def test_del_spools_when_the_daemon_never_answers(rundir: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(f"{rundir}/masqd.sock")
         s.listen(8)  # connections queue, nobody answers
         out = invoke("DEL", sock_config(rundir))
-    assert out.rc == 0
-    assert "no answer within 0.2s" in out.stderr
+    assert out.rc == 0, out
+    assert "no answer within 3s" in out.stderr
     assert len(spool_files(rundir)) == 1
 
 
@@ -626,6 +644,15 @@ def test_del_of_a_key_the_daemon_rejects_is_a_no_op(rundir: str) -> None:
     assert spool_files(rundir) == []
 
 
+def test_del_of_a_key_masqd_cannot_hold_asks_nothing(rundir: str) -> None:
+    with stand_in(rundir) as daemon:
+        out = invoke("DEL", sock_config(rundir), CNI_IFNAME='e"x')
+    assert (out.rc, out.stdout) == (0, ""), out
+    assert "nothing to do" in out.stderr
+    assert daemon.seen == []
+    assert spool_files(rundir) == []
+
+
 def test_del_refused_for_permissions_is_an_error_not_spooled(rundir: str) -> None:
     with stand_in(rundir, lambda seen: (403, {"error": "uid 1000 is not allowed"})):
         obj = invoke("DEL", sock_config(rundir)).error(999)
@@ -633,13 +660,18 @@ def test_del_refused_for_permissions_is_an_error_not_spooled(rundir: str) -> Non
     assert spool_files(rundir) == []
 
 
-def test_del_fails_with_code_11_when_the_spool_is_full(
-    rundir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(spool, "MAX_ENTRIES", 1)
-    spool.spool_delete(f"{rundir}/spool", "net1", "someone-else", "eth0")
+def test_del_fails_with_code_11_when_the_spool_is_full(rundir: str) -> None:
+    os.mkdir(f"{rundir}/spool", 0o700)
+    for i in range(4096):  # entries are counted by name
+        Path(f"{rundir}/spool/del-{i:032x}.json").touch()
     obj = invoke("DEL", sock_config(rundir)).error(11)
     assert "spool is full" in obj["msg"]
+
+
+def test_del_fails_with_code_11_when_it_cannot_be_spooled(rundir: str) -> None:
+    Path(f"{rundir}/spool").write_text("a file where the spool directory belongs")
+    obj = invoke("DEL", sock_config(rundir)).error(11)
+    assert obj["msg"] == "masqd is down and the DEL could not be spooled"
 
 
 def test_check_passes_when_the_daemon_holds_the_same_ips(rundir: str) -> None:
@@ -648,7 +680,7 @@ def test_check_passes_when_the_daemon_holds_the_same_ips(rundir: str) -> None:
     prev["ips"][1]["address"] = "2001:DB8:10:0::2/64"  # same address, other spelling
     with stand_in(rundir, lambda seen: (200, held)) as daemon:
         out = invoke("CHECK", sock_config(rundir, prevResult=prev))
-    assert (out.rc, out.stdout) == (0, "")
+    assert (out.rc, out.stdout) == (0, ""), out
     assert [(s.method, s.path) for s in daemon.seen] == [("GET", "/v1/attachments/net1/ctr1/eth0")]
 
 
@@ -665,29 +697,71 @@ def test_check_fails_when_the_daemon_holds_other_ips(rundir: str) -> None:
     assert "198.18.10.9/24" in obj["details"]
 
 
+@pytest.mark.parametrize("answer", [{"ips": "198.18.10.2/24"}, {"ips": [5]}, {}, ["x"]])
+def test_check_of_a_malformed_answer_is_code_999(rundir: str, answer: Any) -> None:
+    with stand_in(rundir, lambda seen: (200, answer)):
+        obj = invoke("CHECK", sock_config(rundir, prevResult=BRIDGE_RESULT)).error(999)
+    assert obj["msg"] == "unexpected answer from masqd"
+
+
 def test_check_of_an_interface_without_ips_expects_nothing_held(rundir: str) -> None:
     prev = {**BRIDGE_RESULT, "ips": []}
     with stand_in(rundir, lambda seen: (404, {"error": "no attachment"})):
         assert invoke("CHECK", sock_config(rundir, prevResult=prev)).rc == 0
 
 
-def test_gc_posts_the_valid_attachments_under_the_daemon_names(rundir: str) -> None:
-    valid = [{"containerID": "c1", "ifname": "eth0"}, {"containerID": "c2", "ifname": "net1"}]
+VALID_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
+
+
+@pytest.mark.parametrize("key", VALID_KEYS)
+def test_gc_posts_the_valid_attachments_under_the_daemon_names(rundir: str, key: str) -> None:
+    valid = [
+        {"containerID": "c1", "ifname": "eth0", "extra": "kept out"},
+        {"containerID": "c1", "ifname": "eth0"},
+        {"containerID": "bad id", "ifname": "eth0"},  # the CNI spec forbids these names,
+        {"containerID": "c2", "ifname": "e/th"},
+        {"containerID": "c3", "ifname": 'e"x'},  # and masqd cannot hold these:
+        {"containerID": "c4", "ifname": "eth0~"},  # each would fail the whole GC
+        {"containerID": "c" * 129, "ifname": "eth0"},
+        {"containerID": "c2", "ifname": "net1"},
+    ]
     removed = {"network": "net1", "removed": [{"container_id": "c9"}]}
-    for key in cni.VALID_ATTACHMENTS_KEYS:
-        with stand_in(rundir, lambda seen: (200, removed)) as daemon:
-            out = invoke("GC", sock_config(rundir, "1.1.0", **{key: valid}), CNI_CONTAINERID=None)
-        assert (out.rc, out.stdout) == (0, ""), out
-        (seen,) = daemon.seen
-        assert (seen.method, seen.path) == ("POST", "/v1/networks/net1/gc")
-        assert seen.body == {
-            "valid_attachments": [
-                {"container_id": "c1", "ifname": "eth0"},
-                {"container_id": "c2", "ifname": "net1"},
-            ]
-        }
-        assert "1 removed" in out.stderr
-        os.unlink(daemon.socket)
+    with stand_in(rundir, lambda seen: (200, removed)) as daemon:
+        out = invoke("GC", sock_config(rundir, "1.1.0", **{key: valid}), CNI_CONTAINERID=None)
+    assert (out.rc, out.stdout) == (0, ""), out
+    (seen,) = daemon.seen
+    assert (seen.method, seen.path) == ("POST", "/v1/networks/net1/gc")
+    assert seen.body == {
+        "valid_attachments": [
+            {"container_id": "c1", "ifname": "eth0"},
+            {"container_id": "c2", "ifname": "net1"},
+        ]
+    }
+    assert "1 removed" in out.stderr
+
+
+def test_gc_reads_null_as_libcni_writes_an_empty_list(rundir: str) -> None:
+    with stand_in(rundir, lambda seen: (200, {"removed": []})) as daemon:
+        out = invoke("GC", sock_config(rundir, "1.1.0", **{VALID_KEYS[0]: None}))
+    assert out.rc == 0, out
+    assert daemon.seen[0].body == {"valid_attachments": []}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {VALID_KEYS[0]: {}},
+        {VALID_KEYS[0]: [{"containerID": "c1"}]},
+        {VALID_KEYS[0]: ["c1"]},
+    ],
+)
+def test_gc_without_a_usable_valid_list_is_code_7_never_an_empty_list(
+    rundir: str, extra: dict[str, Any]
+) -> None:
+    with stand_in(rundir) as daemon:
+        invoke("GC", sock_config(rundir, "1.1.0", **extra)).error(7)
+    assert daemon.seen == []
 
 
 @pytest.mark.parametrize(
@@ -707,7 +781,7 @@ def test_status_is_zero_when_ready_and_code_50_otherwise(
             daemon = stack.enter_context(stand_in(rundir, lambda seen: answer))
         out = invoke("STATUS", conf, CNI_CONTAINERID=None, CNI_IFNAME=None, CNI_NETNS=None)
     if code == 0:
-        assert (out.rc, out.stdout) == (0, "")
+        assert (out.rc, out.stdout) == (0, ""), out
         assert [(s.method, s.path) for s in daemon.seen] == [("GET", "/readyz")]
     else:
         assert out.error(code)["msg"] == msg
@@ -753,17 +827,6 @@ def test_an_answer_that_is_not_http_is_code_11(rundir: str) -> None:
     assert "not an HTTP answer" in obj["details"]
 
 
-def test_an_unexpected_exception_still_reaches_the_runtime_as_an_error_object(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def broken(prev: Any, ifname: str) -> list[str]:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(cni, "select_ips", broken)
-    obj = invoke("ADD", config(prevResult=BRIDGE_RESULT)).error(999)
-    assert "boom" in obj["details"]
-
-
 # ---- the real thing: bridge, host-local, masqd-cni and masqd in namespaces -----------------
 
 OUTSIDE4, OUTSIDE6 = "198.19.0.2", "2001:db8:ff::2"
@@ -775,25 +838,7 @@ def require_kernel() -> None:
         pytest.skip("needs root (network namespaces, nftables)")
     for path in (BRIDGE, f"{CNI_BIN}/host-local", str(MASQD)):
         if not os.path.exists(path):
-            pytest.skip(f"{path} is not installed")
-
-
-def run_in(
-    ns: str | None, argv: list[str], command: str, conf: dict[str, Any] | bytes, env: dict[str, str]
-) -> Outcome:
-    """Run a CNI plugin as a runtime does: CNI_* variables, config on stdin, in namespace `ns`."""
-    full_env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "CNI_COMMAND": command,
-        "CNI_PATH": CNI_BIN,
-        **env,
-    }
-    prefix = ["ip", "netns", "exec", ns] if ns else []
-    data = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
-    proc = subprocess.run(
-        [*prefix, *argv], input=data, env=full_env, capture_output=True, timeout=60, check=False
-    )
-    return Outcome(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+            pytest.fail(f"{path} is missing: `make test-tools` builds it")
 
 
 class Masqd(MasqdProcess):
@@ -1081,29 +1126,6 @@ def test_status_is_0_with_the_daemon_up_and_50_with_it_down(node: Node) -> None:
     assert node.plugin("STATUS", down).error(50)["msg"] == "masqd is not available"
 
 
-def test_version_through_the_executable() -> None:
-    out = run_in(None, PLUGIN, "VERSION", b'{"cniVersion": "1.1.0"}', {})
-    assert out.rc == 0, out
-    assert out.json["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
-
-
-@pytest.mark.parametrize(
-    ("stdin", "env", "code"),
-    [
-        (b'{"cniVersion": "1.0.0", "name": "n"', {}, 6),
-        (b'{"cniVersion": "1.0.0", "type": "masqd-cni"}', {}, 7),
-        (b'{"cniVersion": "0.9.9", "name": "n"}', {}, 1),
-        (b'{"cniVersion": "1.0.0", "name": "n"}', {"CNI_CONTAINERID": ""}, 4),
-        (b'{"cniVersion": "1.0.0", "name": "n"}', {}, 7),  # ADD without prevResult
-    ],
-    ids=["malformed-json", "missing-name", "unknown-version", "missing-env", "no-prev-result"],
-)
-def test_bad_input_through_the_executable(stdin: bytes, env: dict[str, str], code: int) -> None:
-    full = {"CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/x", "CNI_IFNAME": "eth0", **env}
-    out = run_in(None, PLUGIN, "ADD", stdin, {k: v for k, v in full.items() if v})
-    out.error(code)
-
-
 @pytest.mark.kernel
 def test_daemon_down_add_fails_with_11_and_del_is_spooled_then_applied(rundir: str) -> None:
     require_kernel()
@@ -1126,12 +1148,10 @@ def test_daemon_down_add_fails_with_11_and_del_is_spooled_then_applied(rundir: s
 
         started = time.monotonic()
         refused = run("ADD", "c", prevResult=synthetic_result("198.18.210.3/24"))
-        assert 1.0 <= time.monotonic() - started < 5.0
+        assert time.monotonic() - started >= 1.0
         assert "after waiting 1s" in refused.error(11)["msg"]
 
-        started = time.monotonic()
-        deleted = run("DEL", "a")
-        assert time.monotonic() - started < 2.0  # spooled at once, no waiting
+        deleted = run("DEL", "a")  # spooled at once, without waiting (a stand-in test times it)
         assert (deleted.rc, deleted.stdout) == (0, ""), deleted
         assert len(spool.read_spooled_deletes(masqd.spool_dir).entries) == 1
         assert run("STATUS", "-").error(50)
@@ -1146,7 +1166,7 @@ def test_daemon_down_add_fails_with_11_and_del_is_spooled_then_applied(rundir: s
         wait_for(lambda: not spool.read_spooled_deletes(masqd.spool_dir).entries, "spool emptied")
 
         # A DEL spooled while the daemon runs is applied too.
-        spool.spool_delete(masqd.spool_dir, "downnet", "b", "eth0")
+        write_entry(masqd.spool_dir, "downnet", "b", "eth0")
         wait_for(lambda: masqd.get("downnet", "b") == 404, "spooled DEL applied while running")
         wait_for(lambda: not os.listdir(masqd.spool_dir), "spool emptied")
         assert "198.18.210.2" not in masqd.kernel_sources()
@@ -1165,7 +1185,7 @@ EXAMPLE_CONFLIST = REPO / "deploy" / "cni" / "masqd.conflist"
 
 def test_the_example_conflist_chains_bridge_without_ipmasq_then_masqd_cni() -> None:
     conflist = json.loads(EXAMPLE_CONFLIST.read_text())
-    assert conflist["cniVersion"] in cni.SUPPORTED_VERSIONS
+    assert conflist["cniVersion"] in SUPPORTED_VERSIONS
     bridge, masq = conflist["plugins"]
     assert (bridge["type"], bridge["ipMasq"], bridge["ipam"]["type"]) == (
         "bridge",
@@ -1174,8 +1194,8 @@ def test_the_example_conflist_chains_bridge_without_ipmasq_then_masqd_cni() -> N
     )
     assert masq == {
         "type": "masqd-cni",
-        "socket": cni.DEFAULT_SOCKET,
-        "daemonWaitSeconds": cni.DEFAULT_DAEMON_WAIT_SECONDS,
+        "socket": DEFAULT_SOCKET,
+        "daemonWaitSeconds": 10,
     }
 
 
@@ -1211,3 +1231,117 @@ def test_the_example_conflist_works_with_the_installed_plugins(node: Node) -> No
         assert run_in(node.host, PLUGIN, "CHECK", chained, env).rc == 0
         assert run_in(node.host, PLUGIN, "DEL", chained, env).rc == 0
         assert run_in(node.host, [BRIDGE], "DEL", bridge_conf, env).rc == 0
+
+
+# ---- through libcni: the CNI project's reference runtime ----------------------------------
+
+
+def cnitool_container_id(netns_path: str) -> str:
+    """The container ID cnitool gives a namespace (it hashes the path)."""
+    return "cnitool-" + hashlib.sha512(os.path.abspath(netns_path).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Cnitool:
+    node: Node
+    confdir: str
+
+    def __call__(self, command: str, network: str, netns_path: str) -> Outcome:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "NETCONFPATH": self.confdir,
+            # libcni finds each plugin by its type in CNI_PATH: upstream's and masqd-cni.
+            "CNI_PATH": f"{CNI_BIN}:{PLUGIN_PATH.parent}",
+        }
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.node.host, CNITOOL, command, network, netns_path],
+            env=env,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        return Outcome(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+@pytest.fixture
+def cnitool(node: Node) -> Iterator[Cnitool]:
+    if not os.access(CNITOOL, os.X_OK):
+        pytest.fail(f"{CNITOOL} is missing: `make test-tools` builds it")
+    confdir = tempfile.mkdtemp(prefix="mqcnitool-", dir=node.workdir)
+    tag = f"{os.getpid()}"
+    bridge = {
+        "type": "bridge",
+        "bridge": "mqbr3",
+        "isGateway": True,
+        "ipMasq": False,
+        "ipam": {
+            "type": "host-local",
+            "dataDir": f"{node.workdir}/ipam-cnitool",
+            "ranges": [[{"subnet": "198.18.40.0/24"}], [{"subnet": "2001:db8:40::/64"}]],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+        },
+    }
+    masq = {"type": "masqd-cni", "socket": node.masqd.socket, "daemonWaitSeconds": 5}
+    lists = {
+        "mqtool": [bridge, masq],
+        # The same chain with masqd-cni pointed at a socket nobody serves.
+        "mqtool-away": [
+            {
+                **bridge,
+                "bridge": "mqbr4",
+                "ipam": {**bridge["ipam"], "ranges": [[{"subnet": "198.18.41.0/24"}]]},
+            },
+            {**masq, "socket": f"{node.workdir}/away/masqd.sock"},
+        ],
+        "mqlo": [{"type": "loopback"}],
+    }
+    for name, plugins in lists.items():
+        conflist = {"cniVersion": "1.1.0", "name": f"{name}-{tag}", "plugins": plugins}
+        Path(confdir, f"{name}.conflist").write_text(json.dumps(conflist))
+    try:
+        yield Cnitool(node, confdir)
+    finally:
+        shutil.rmtree(confdir, ignore_errors=True)
+
+
+@pytest.mark.kernel
+def test_libcni_runs_the_chain_add_check_status_del_and_gc(node: Node, cnitool: Cnitool) -> None:
+    net, lo, away = (f"{n}-{os.getpid()}" for n in ("mqtool", "mqlo", "mqtool-away"))
+    with containers(2) as (first, second):
+        for ctr in (first, second):
+            looped = cnitool("add", lo, ctr.netns_path)
+            assert looped.rc == 0, looped
+            assert "UP" in ns_run(ctr.ns, "ip", "-o", "link", "show", "lo").stdout
+            added = cnitool("add", net, ctr.netns_path)
+            assert added.rc == 0, added
+            result = added.json
+            assert result["cniVersion"] == "1.1.0"
+            cid = cnitool_container_id(ctr.netns_path)
+            assert node.masqd.get(net, cid) == 200
+            v4, v6 = own_ips(result)
+            assert {v4, v6} <= node.masqd.kernel_sources()
+        assert source_seen(first, OUTSIDE4) == HOST_OUTSIDE4
+        assert source_seen(first, OUTSIDE6) == HOST_OUTSIDE6
+
+        checked = cnitool("check", net, first.netns_path)
+        assert checked.rc == 0, checked
+        status = cnitool("status", net, first.netns_path)
+        assert status.rc == 0, status
+        down = cnitool("status", away, first.netns_path)
+        assert down.rc == 1 and "masqd is not available" in down.stderr, down
+
+        deleted = cnitool("del", net, first.netns_path)
+        assert deleted.rc == 0, deleted
+        assert node.masqd.get(net, cnitool_container_id(first.netns_path)) == 404
+        assert source_seen(first, OUTSIDE4) is None  # bridge's veth is gone too
+        assert cnitool("check", net, second.netns_path).rc == 0  # the other one is untouched
+
+        # cnitool's gc passes no valid list: libcni first DELs every attachment it has cached
+        # for the network, then sends GC without cni.dev/valid-attachments, which masqd-cni
+        # refuses (code 7) rather than read as "none are valid".
+        collected = cnitool("gc", net, second.netns_path)
+        assert node.masqd.get(net, cnitool_container_id(second.netns_path)) == 404
+        assert collected.rc == 1
+        assert "GC needs cni.dev/valid-attachments" in collected.stderr, collected
+        for ctr in (first, second):
+            assert cnitool("del", lo, ctr.netns_path).rc == 0

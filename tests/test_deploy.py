@@ -3,8 +3,8 @@
 systemd units: `systemd-analyze verify` and `security`, the socket/service relation, and the
 hardening checked against the real thing (libnftables through ctypes under W^X). Kubernetes
 manifests: the API schemas (kubernetes-validate ships them, so this runs offline). Prometheus:
-`promtool check config` and `promtool test rules`. The CNI launcher the DaemonSet installs:
-built and run exactly as the image does.
+`promtool check config` and `promtool test rules`. The CNI plugin the DaemonSet installs:
+installed and run exactly as the init container does.
 """
 
 from __future__ import annotations
@@ -262,91 +262,56 @@ def test_image_provides_what_the_daemonset_runs() -> None:
 
 # ---- the CNI plugin as the DaemonSet installs it ----------------------------------------
 
+CNI_PLUGIN = REPO / "cni" / "bin" / "masqd-cni"
+
 
 @pytest.fixture
 def installed_cni(tmp_path: Path) -> Path:
-    """masqd-cni built by the image's script and installed by the init container's script."""
+    """masqd-cni (as `make setup` and the image build it) installed by the init container's
+    script into a node's plugin directory that holds the old Python plugin's files."""
     share, cni_bin = tmp_path / "share", tmp_path / "opt-cni-bin"
     share.mkdir()
     cni_bin.mkdir()
-    build = run(IMAGE / "build-cni-pyz.sh", REPO, share / "masqd-cni.pyz")
-    assert build.returncode == 0, build.stderr
-    shutil.copy(IMAGE / "masqd-cni.sh", share / "masqd-cni.sh")
+    assert CNI_PLUGIN.exists(), "`make setup` builds cni/bin/masqd-cni"
+    shutil.copy(CNI_PLUGIN, share / "masqd-cni")
+    (cni_bin / "masqd-cni").write_text("#!/bin/sh\nexec python3 masqd-cni.pyz\n")
+    (cni_bin / "masqd-cni.pyz").write_text("the plugin of masqd 0.1")
+    (cni_bin / "bridge").write_text("another plugin")
     install = run(IMAGE / "install-cni.sh", cni_bin, env={**os.environ, "MASQD_SHARE": str(share)})
     assert install.returncode == 0, install.stderr
     return cni_bin
 
 
-def test_installed_cni_plugin_runs_with_the_node_python(installed_cni: Path) -> None:
-    assert sorted(p.name for p in installed_cni.iterdir()) == ["masqd-cni", "masqd-cni.pyz"]
+def test_the_init_container_installs_the_static_plugin_in_place_of_the_python_one(
+    installed_cni: Path,
+) -> None:
+    assert sorted(p.name for p in installed_cni.iterdir()) == ["bridge", "masqd-cni"]
     assert stat.S_IMODE((installed_cni / "masqd-cni").stat().st_mode) == 0o755
-    # A clean environment, as a runtime gives: only the CNI variables and a PATH.
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "CNI_COMMAND": "VERSION"}
-    proc = run(installed_cni / "masqd-cni", input='{"cniVersion": "1.0.0"}', env=env)
+    assert (installed_cni / "masqd-cni").read_bytes() == CNI_PLUGIN.read_bytes()
+
+
+def test_installed_cni_plugin_runs_with_nothing_from_the_node(installed_cni: Path) -> None:
+    # No PATH, no interpreter: only what a runtime passes.
+    proc = run(
+        installed_cni / "masqd-cni", input='{"cniVersion": "1.0.0"}', env={"CNI_COMMAND": "VERSION"}
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "1.0.0" in json.loads(proc.stdout)["supportedVersions"]
+    assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
 
 
 def test_installed_cni_plugin_reports_errors_with_a_failing_exit(installed_cni: Path) -> None:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}  # no CNI_COMMAND
-    proc = run(installed_cni / "masqd-cni", input="{}", env=env)
-    assert proc.returncode != 0
-    assert "code" in json.loads(proc.stdout)
-
-
-def test_cni_launcher_without_python_says_so_in_cni_terms(installed_cni: Path) -> None:
-    proc = run(installed_cni / "masqd-cni", input="{}", env={"PATH": "/nonexistent"})
+    proc = run(installed_cni / "masqd-cni", input="{}", env={})  # no CNI_COMMAND
     assert proc.returncode == 1
-    error = json.loads(proc.stdout)
-    assert error["code"] >= 100 and "python3" in error["msg"]
+    assert json.loads(proc.stdout)["code"] == 4
 
 
-def _python(version: str) -> str | None:
-    """An interpreter of `version` ('3.8'): one pyenv installed, or one on PATH (not a pyenv
-    shim, which answers only for the versions it is set to)."""
-    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    candidates = sorted(pyenv.glob(f"{version}.*/bin/python{version}"))
-    if candidates:
-        return str(candidates[-1])
-    found = shutil.which(f"python{version}")
-    return found if found and "/shims/" not in found else None
-
-
-OLDEST_NODE_PYTHON = "3.8"
-
-
-@pytest.mark.kernel
-@pytest.mark.skipif(_python(OLDEST_NODE_PYTHON) is None, reason="no python3.8 on this machine")
-def test_the_node_plugin_passes_the_cni_tests_under_the_oldest_python_it_supports(
-    installed_cni: Path,
-) -> None:
-    """The whole CNI suite (real daemon, bridge and host-local plugins, packets) against the
-    zip application the DaemonSet installs, run by python3.8 as a node's python3 would."""
-    plugin = f"{_python(OLDEST_NODE_PYTHON)} -I -S {installed_cni / 'masqd-cni.pyz'}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cni.py"],
-        cwd=REPO,
-        env={**os.environ, "MASQD_CNI_TEST_PLUGIN": plugin},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-
-
-@pytest.mark.parametrize("version", ["3.6", "3.7"])
-def test_the_node_plugin_refuses_an_older_python_in_cni_terms(
-    installed_cni: Path, version: str
-) -> None:
-    python = _python(version)
-    if python is None:
-        pytest.skip(f"no python{version} on this machine")
-    env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "VERSION"}
-    proc = run(python, "-I", "-S", installed_cni / "masqd-cni.pyz", input="{}", env=env)
-    assert proc.returncode == 1
-    error = json.loads(proc.stdout)
-    assert error["code"] == 100 and "3.8 or newer" in error["msg"], error
+def test_the_image_builds_the_plugin_from_the_vendored_module() -> None:
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "COPY cni/" in dockerfile
+    assert "-mod=vendor" in dockerfile and "CGO_ENABLED=0" in dockerfile
+    assert "/opt/masqd/share/masqd-cni" in dockerfile
+    ignore = (REPO / "deploy" / "Dockerfile.dockerignore").read_text().split()
+    assert "!cni/" in ignore and "cni/bin/" in ignore
 
 
 # ---- Prometheus ------------------------------------------------------------------------
