@@ -67,8 +67,14 @@ def unavailable_reason() -> str | None:
 # ---- configuration (pure) ---------------------------------------------------------------
 
 
-def containers_conf(base: Path, plugin_dir: Path, network_dir: Path) -> str:
-    """containers.conf for a podman whose every file lives under `base`."""
+def containers_conf(
+    base: Path, plugin_dir: Path, network_dir: Path, default_network: str | None = None
+) -> str:
+    """containers.conf for a podman whose every file lives under `base`. `default_network`
+    names the network a container without --network joins; podman's own default ("podman",
+    which masquerades with the firewall rules of its plugins) then no longer exists. It must
+    be set after that network is created: podman makes up a default network under that name
+    until a conflist of that name exists, and refuses to create one."""
     return "\n".join(
         [
             "[containers]",
@@ -84,6 +90,7 @@ def containers_conf(base: Path, plugin_dir: Path, network_dir: Path) -> str:
             'network_backend = "cni"',
             f'cni_plugin_dirs = ["{plugin_dir}"]',
             f'network_config_dir = "{network_dir}"',
+            *([f'default_network = "{default_network}"'] if default_network else []),
             "",
         ]
     )
@@ -167,10 +174,12 @@ class Podman:
         for plugin in SYSTEM_PLUGINS:
             self._link_plugin(plugin, SYSTEM_CNI_DIR / plugin)
         self._link_plugin("masqd-cni", cni_plugin())
-        (base / "containers.conf").write_text(
-            containers_conf(base, self.plugin_dir, self.network_dir)
-        )
+        self.write_containers_conf()
         (base / "storage.conf").write_text(storage_conf(self.root, self.runroot))
+
+    def write_containers_conf(self, default_network: str | None = None) -> None:
+        conf = containers_conf(self.base, self.plugin_dir, self.network_dir, default_network)
+        (self.base / "containers.conf").write_text(conf)
 
     def _link_plugin(self, name: str, target: Path) -> None:
         link = self.plugin_dir / name
@@ -226,7 +235,8 @@ class Podman:
     def create_masqd_network(
         self, name: str, subnets: tuple[str, str], socket: str, daemon_wait: float
     ) -> dict[str, Any]:
-        """`podman network create` (IPv4 and IPv6), then the conflist edit; the result."""
+        """`podman network create` (IPv4 and IPv6), the conflist edit, and the network made
+        podman's default; the edited conflist."""
         self.run("network", "create", "--subnet", subnets[0], "--subnet", subnets[1], name)
         path = self.network_dir / f"{name}.conflist"
         edited = masqd_conflist(
@@ -236,6 +246,7 @@ class Podman:
             ipam_dir=str(self.base / "ipam"),
         )
         path.write_text(json.dumps(edited, indent=2))
+        self.write_containers_conf(default_network=name)
         return edited
 
     def container_ids(self, *filters: str) -> set[str]:

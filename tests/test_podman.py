@@ -92,7 +92,9 @@ def test_conflist_edit_refuses_a_conflist_it_cannot_edit_safely() -> None:
 def test_private_configuration_keeps_podman_off_the_machine_defaults(tmp_path: Path) -> None:
     conf = containers_conf(tmp_path, tmp_path / "bin", tmp_path / "net.d")
     assert 'network_backend = "cni"' in conf and 'runtime = "runc"' in conf
-    assert "default_ulimits" in conf
+    assert "default_ulimits" in conf and "default_network" not in conf
+    named = containers_conf(tmp_path, tmp_path / "bin", tmp_path / "net.d", "mqnet")
+    assert 'default_network = "mqnet"' in named.split("[network]")[1]
     paths = [line.split('"')[1] for line in conf.splitlines() if line.count('"') >= 2]
     locations = [p for p in paths if p.startswith("/")]
     assert locations and all(p.startswith(str(tmp_path)) for p in locations), locations
@@ -335,6 +337,20 @@ def test_an_add_while_the_daemon_is_down_fails_and_leaves_a_created_container(
     assert node.attachments()[container] == node.podman.addresses(container, node.network)
     node.podman.run("rm", "--force", "--time", "0", container)
     assert container not in node.attachments()
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_podmans_own_default_network_is_gone_and_its_place_taken(
+    node: PodmanNode, node_masqd: MasqdProcess
+) -> None:
+    """With `default_network` naming the masqd network, a container started without
+    --network is masqueraded by masqd too, and the "podman" network no longer exists."""
+    assert node.podman.out("network", "ls", "--format", "{{.Name}}").split() == [node.network]
+    container = node.podman.out("run", "-d", node.image, *SLEEP)
+    assert node.attachments()[container] == node.podman.addresses(container, node.network)
+    assert node.probe(container, OUTSIDE4) == HOST_OUTSIDE4
+    node.podman.run("rm", "--force", "--time", "0", container)
 
 
 @pytest.mark.kernel
