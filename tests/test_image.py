@@ -28,7 +28,7 @@ import pytest
 from masqd import ruleset
 from tests.daemon import Client, kernel_table
 from tests.netns import netns
-from tests.podman import REPO, Podman, inputs_digest, root_network_snapshot, unavailable_reason
+from tests.podman import REPO, Podman, inputs_digest, root_network_snapshot
 from tests.podman import wait_for as wait_until
 
 CACHE = Path(os.environ.get("MASQD_IMAGE_CACHE", Path.home() / ".cache" / "masqd-image"))
@@ -71,7 +71,17 @@ def test_build_image_passes_its_inputs_on() -> None:
 
 # ---- the real build -----------------------------------------------------------------------
 
-_UNAVAILABLE = unavailable_reason()
+
+def _unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (podman, debootstrap, network namespaces)"
+    for tool in ("podman", "runc", "conmon", "nsenter", "debootstrap", "nft", "ip"):
+        if shutil.which(tool) is None:
+            return f"needs the {tool!r} command"
+    return None
+
+
+_UNAVAILABLE = _unavailable()
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +89,6 @@ def image() -> Iterator[tuple[Podman, str]]:
     """(the private podman, the built image's tag): built now or reused from the cache."""
     if _UNAVAILABLE is not None:
         pytest.skip(_UNAVAILABLE)
-    for tool in ("debootstrap",):
-        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
-            pytest.skip(f"needs {tool}")
     before = root_network_snapshot()
     podman = Podman(CACHE / "podman", None)
     tag = f"localhost/masqd:test-{inputs_digest(context_files())[:16]}"
