@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := nftables iproute2 containernetworking-plugins prometheus systemd curl
+APT_PACKAGES := nftables iproute2 containernetworking-plugins prometheus systemd curl \
+                podman runc conmon catatonit busybox-static debootstrap iptables
 ARGS ?=
 # masqd-cni: a static Go binary built from the vendored module in cni/ (works offline).
 CNI_PLUGIN := cni/bin/masqd-cni
@@ -17,17 +18,22 @@ CNI_TOOLS := $(VENV)/cni-tools
 CNI_PLUGINS_MODULE := github.com/containernetworking/plugins@v1.9.1
 CNITOOL_MODULE := github.com/containernetworking/cni/cnitool@v1.3.0
 
-.PHONY: run test lint bench setup apt-deps clean test-tools
+.PHONY: run test lint bench image setup apt-deps clean test-tools
+TAG ?=
 
 setup: apt-deps $(STAMP) $(CNI_PLUGIN)
 
 # Debian packages the daemon and its tests drive for real (nft, ip, the CNI plugins, promtool,
-# systemd-socket-activate). Installed only when one of their commands is missing.
+# systemd-socket-activate; podman with runc, busybox-static for its test image, debootstrap for
+# the image's base, iptables for the CNI firewall plugin). Installed only when one is missing.
+# runc is named so that apt picks it for podman's "crun | runc": crun 1.8 fails on CI's cgroups.
 apt-deps:
 	@missing=0; \
-	for cmd in nft ip promtool prometheus systemd-socket-activate systemd-analyze curl; do \
+	for cmd in nft ip promtool prometheus systemd-socket-activate systemd-analyze curl \
+	           podman runc conmon debootstrap iptables; do \
 	  command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
-	[ -x /usr/lib/cni/bridge ] || missing=1; \
+	[ -x /usr/lib/cni/bridge ] && [ -x /usr/bin/catatonit ] || missing=1; \
+	dpkg-query -W -f='$${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing=1; \
 	if [ $$missing = 1 ]; then \
 	  echo ">> installing Debian packages: $(APT_PACKAGES)"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
@@ -68,6 +74,11 @@ lint: setup
 	go=$(GO) && cd cni && $$go vet -mod=vendor ./...
 	go=$(GO) && cd cni && out=$$("$$($$go env GOROOT)/bin/gofmt" -l *.go) && \
 	  if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi
+
+# The container image, with podman and no registry: a debootstrapped bookworm base, then
+# deploy/Dockerfile (deploy/image/build-image.sh; TAG=... to name it, default masqd:VERSION).
+image: apt-deps
+	deploy/image/build-image.sh $(TAG)
 
 bench: setup test-tools
 	$(BIN)/python -m bench $(ARGS)
