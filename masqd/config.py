@@ -47,8 +47,6 @@ from masqd import __version__, ipmasqagent
 from masqd.ruleset import Policy
 from masqd.watch import Digest, file_digest
 
-log = logging.getLogger(__name__)
-
 DEFAULT_CONFIG = "/etc/masqd/masqd.toml"
 DEFAULT_SOCKET = "/run/masqd/masqd.sock"
 DEFAULT_STATE_DIR = "/run/masqd"
@@ -515,6 +513,7 @@ class ConfigLoader:
         self.digests: dict[str, Digest] = {}
         self.ip_masq_agent_path: str | None = None  # pinned by the first load
         self._said: set[str] = set()
+        self._notes: list[tuple[int, str]] = []
         for multi in ("allow_uid", "allow_gid"):
             if multi in self.flags:
                 self.flags[multi] = tuple(self.flags[multi])
@@ -569,8 +568,14 @@ class ConfigLoader:
         # Validated again: the file's CIDRs are written in canonical form and deduplicated.
         return DaemonConfig.model_validate({**merged, "exempt_destinations": union})
 
+    def take_notes(self) -> list[tuple[int, str]]:
+        """(log level, line) for the daemon to log: what the last loads noticed and did not
+        say before. Kept until asked for, since the first load runs before logging is set."""
+        notes, self._notes = self._notes, []
+        return notes
+
     def _note_once(self, agent: ipmasqagent.MasqAgentConfig | None, path: str) -> None:
-        """Log what masqd does not use from the ip-masq-agent file, once per distinct note."""
+        """Note what masqd does not use from the ip-masq-agent file, once per distinct note."""
         notes: list[tuple[int, str]] = []
         if agent is None:
             notes.append((logging.INFO, f"{path}: absent; ip-masq-agent's defaults apply"))
@@ -593,7 +598,7 @@ class ConfigLoader:
         for level, text in notes:
             if text not in self._said:
                 self._said.add(text)
-                log.log(level, "%s", text)
+                self._notes.append((level, text))
 
     def load_or_exit(self) -> DaemonConfig:
         """`load()`, or exit 2 with every problem, one line each (for start-up)."""

@@ -439,6 +439,8 @@ class Daemon:
             )
             return None
         self.metrics.config_last_reload_successful.set(1)
+        for level, note in self.loader.take_notes():
+            log.log(level, "%s", note)
         old = self.config
         stale = restart_needed(old, new)
         if stale:
@@ -524,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     if os.geteuid() != 0:
         log.warning("not running as root: nftables needs CAP_NET_ADMIN")
+    for level, note in loader.take_notes():
+        log.log(level, "%s", note)
     for name in unknown_environment(loader.environ):
         log.warning("environment variable %s names no masqd setting; ignored", name)
     log.info(
