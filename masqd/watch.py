@@ -204,8 +204,8 @@ class ConfigWatcher:
                 continue
             if event.mask & IN_CREATE and not event.mask & IN_ISDIR:
                 directory = next((d for d, wd in self._watched.items() if wd == event.wd), None)
-                if directory is not None and _is_regular(os.path.join(directory, event.name)):
-                    continue  # being written: its IN_CLOSE_WRITE follows
+                if directory is not None and _being_written(os.path.join(directory, event.name)):
+                    continue  # its IN_CLOSE_WRITE follows
             relevant = True
         return relevant
 
@@ -253,8 +253,11 @@ class ConfigWatcher:
         self.on_change()
 
 
-def _is_regular(path: str) -> bool:
+def _being_written(path: str) -> bool:
+    """A new regular file of one link: created by open(), so IN_CLOSE_WRITE follows. (A
+    symlink or a hard link appears whole, with no close to wait for.)"""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        st = os.lstat(path)
     except OSError:
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1

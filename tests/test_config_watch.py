@@ -127,6 +127,14 @@ async def test_a_file_being_written_is_read_once_closed(tmp_path: Path) -> None:
         assert seen.contents == ["half and whole"]
 
 
+async def test_a_file_hard_linked_into_place_is_seen(tmp_path: Path) -> None:
+    path = tmp_path / "masqd.toml"
+    (tmp_path / "prepared").write_text("linked")
+    async with watching(path) as seen:
+        os.link(tmp_path / "prepared", path)  # appears whole: IN_CREATE, no IN_CLOSE_WRITE
+        assert await seen.next() == "linked"
+
+
 async def test_a_vanished_file_keeps_the_settings_until_it_is_back(tmp_path: Path) -> None:
     path = tmp_path / "masqd.toml"
     path.write_text("one")
