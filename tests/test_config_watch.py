@@ -135,6 +135,32 @@ async def test_a_file_hard_linked_into_place_is_seen(tmp_path: Path) -> None:
         assert await seen.next() == "linked"
 
 
+async def test_a_directory_that_never_goes_quiet_still_gets_its_change_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "masqd.toml"
+    path.write_text("one")
+    seen = Seen(path)
+    watcher = ConfigWatcher([str(path)], on_change=seen, settle=0.2, max_settle=0.5)
+    task = asyncio.create_task(watcher.run())
+
+    async def busy() -> None:  # events every 50 ms, less than the quiet time asked for
+        while True:
+            (tmp_path / "noise").write_text("x")
+            await asyncio.sleep(0.05)
+
+    noise = asyncio.create_task(busy())
+    try:
+        await asyncio.sleep(0)
+        path.write_text("two")
+        assert await seen.next() == "two"  # bounded by max_settle, not by a quiet moment
+    finally:
+        for t in (noise, task):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
 async def test_a_vanished_file_keeps_the_settings_until_it_is_back(tmp_path: Path) -> None:
     path = tmp_path / "masqd.toml"
     path.write_text("one")
