@@ -16,8 +16,13 @@ The file holds every setting; the policy (what applies to every attachment) sits
     random_fully = false
 
 `ConfigLoader` keeps the flags and environment it was started with, so `load()` again (on
-SIGHUP) re-reads only the file and re-applies the same precedence. The flag names are a
-contract (scripts, unit files and manifests call them).
+SIGHUP, or when the watcher sees the file change) re-reads only the file and re-applies the
+same precedence. The flag names are a contract (scripts, unit files and manifests call them).
+
+`ip_masq_agent_config` (`--ip-masq-agent-config`) names a file in ip-masq-agent's format (see
+`ipmasqagent`): its exempt destinations are added to the policy's, a union, re-read with the
+TOML file on every load. Which file that is stays as it was at start (changing it needs a
+restart), like the socket.
 
 An exempt destination with host bits set (`10.1.2.3/8`) is refused, not normalised: it
 widens what is never masqueraded, and guessing whether the /8 or the host was meant is not
@@ -38,8 +43,9 @@ from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from masqd import __version__
+from masqd import __version__, ipmasqagent
 from masqd.ruleset import Policy
+from masqd.watch import Digest, file_digest
 
 DEFAULT_CONFIG = "/etc/masqd/masqd.toml"
 DEFAULT_SOCKET = "/run/masqd/masqd.sock"
@@ -121,6 +127,8 @@ class DaemonConfig(BaseModel):
     metrics_max_connections: int = Field(default=64, ge=1, le=1_000_000)
     nft_runner: Literal["lib", "cli"] = "lib"
     adopt_cni_plugins_rules: bool = False
+    # A file in ip-masq-agent's format whose exempt destinations join the policy's ("" none).
+    ip_masq_agent_config: str = ""
     # The policy: destinations never masqueraded, and the masquerade's port selection.
     exempt_destinations: ExemptList = ()
     random_fully: bool = False
@@ -473,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
         "given here, it replaces the file's list",
     )
     p.add_argument(
+        "--ip-masq-agent-config",
+        metavar="PATH",
+        help="also exempt the destinations of this ip-masq-agent config file (YAML or JSON, "
+        "e.g. /etc/config/ip-masq-agent); watched like the config file",
+    )
+    p.add_argument(
         "--random-fully",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -503,6 +517,12 @@ class ConfigLoader:
         self.path: str = config_path or DEFAULT_CONFIG
         self.explicit = config_path is not None
         self.flags = {k: v for k, v in args.items() if v is not None}
+        # What each watched file held when last read, so the watcher can tell a change
+        # made after the read from one the read already saw.
+        self.digests: dict[str, Digest] = {}
+        self.ip_masq_agent_path: str | None = None  # pinned by the first load
+        self._said: set[str] = set()
+        self._notes: list[tuple[int, str]] = []
         for multi in ("allow_uid", "allow_gid"):
             if multi in self.flags:
                 self.flags[multi] = tuple(self.flags[multi])
@@ -524,12 +544,70 @@ class ConfigLoader:
         return self.flags
 
     def load(self) -> DaemonConfig:
-        """Defaults < file < environment < flags, each validated. Raises ConfigError."""
+        """Defaults < file < environment < flags, each validated, then the ip-masq-agent
+        file's exempt destinations added. Raises ConfigError."""
         merged: dict[str, Any] = {}
+        # Digest before reading: a change made in between shows as a change to the watcher.
+        self.digests[self.path] = file_digest(self.path)
         merged.update(read_file(self.path, required=self.explicit))
         merged.update(read_environment(self.environ))
         merged.update(self.read_flags())
-        return DaemonConfig.model_validate(merged)
+        config = DaemonConfig.model_validate(merged)
+        if self.ip_masq_agent_path is None:
+            self.ip_masq_agent_path = config.ip_masq_agent_config
+        path = self.ip_masq_agent_path
+        if not path:
+            return config
+        self.digests[path] = file_digest(path)
+        agent = read_ip_masq_agent(path)
+        self._note_once(agent, path)
+        extra = (agent or ipmasqagent.MasqAgentConfig()).exempt_destinations()
+        union = _dedupe((*config.exempt_destinations, *extra))
+        if len(union) > MAX_EXEMPT_DESTINATIONS:
+            raise ConfigError(
+                [
+                    Problem(
+                        path,
+                        "nonMasqueradeCIDRs",
+                        f"with the policy's own, {len(union)} exempt destinations; at most "
+                        f"{MAX_EXEMPT_DESTINATIONS}",
+                    )
+                ]
+            )
+        # Validated again: the file's CIDRs are written in canonical form and deduplicated.
+        return DaemonConfig.model_validate({**merged, "exempt_destinations": union})
+
+    def take_notes(self) -> list[tuple[int, str]]:
+        """(log level, line) for the daemon to log: what the last loads noticed and did not
+        say before. Kept until asked for, since the first load runs before logging is set."""
+        notes, self._notes = self._notes, []
+        return notes
+
+    def _note_once(self, agent: ipmasqagent.MasqAgentConfig | None, path: str) -> None:
+        """Note what masqd does not use from the ip-masq-agent file, once per distinct note."""
+        notes: list[tuple[int, str]] = []
+        if agent is None:
+            notes.append((logging.INFO, f"{path}: absent; ip-masq-agent's defaults apply"))
+        else:
+            notes.append(
+                (
+                    logging.INFO,
+                    f"{path}: resyncInterval {agent.resync_interval} read and ignored: masqd "
+                    "watches the file and applies a change at once",
+                )
+            )
+            if agent.unknown_keys:
+                notes.append(
+                    (
+                        logging.WARNING,
+                        f"{path}: keys ip-masq-agent does not know, ignored as it ignores "
+                        f"them: {', '.join(agent.unknown_keys)}",
+                    )
+                )
+        for level, text in notes:
+            if text not in self._said:
+                self._said.add(text)
+                self._notes.append((level, text))
 
     def load_or_exit(self) -> DaemonConfig:
         """`load()`, or exit 2 with every problem, one line each (for start-up)."""
@@ -541,6 +619,29 @@ class ConfigLoader:
     def fail(self, exc: ConfigError) -> NoReturn:
         lines = "".join(f"masqd: error: {p}\n" for p in exc.problems)
         self.parser.exit(2, lines)
+
+
+def read_ip_masq_agent(path: str) -> ipmasqagent.MasqAgentConfig | None:
+    """The ip-masq-agent file at `path` with every CIDR checked as an exempt destination;
+    None when it is absent (ip-masq-agent's defaults then apply, as in ip-masq-agent).
+    Raises ConfigError naming the file and the key."""
+    try:
+        agent = ipmasqagent.read(path)
+    except ipmasqagent.InvalidFile as exc:
+        raise ConfigError([Problem(path, exc.key, exc.message)]) from None
+    except OSError as exc:
+        raise ConfigError([Problem(path, "", f"cannot read: {exc.strerror}")]) from None
+    if agent is None:
+        return None
+    problems: list[Problem] = []
+    for index, cidr in enumerate(agent.non_masquerade_cidrs):
+        try:
+            parse_exempt(cidr)
+        except ValueError as exc:
+            problems.append(Problem(path, f"nonMasqueradeCIDRs[{index}]", str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    return agent
 
 
 def parse_args(

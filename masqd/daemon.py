@@ -15,7 +15,10 @@ Start-up, in order:
 With `--adopt-cni-plugins-rules`, once the first sync is done the CNI plugins' legacy rules
 are adopted (see `migrate`). SIGHUP re-reads the config file: a valid policy goes to the
 kernel in one transaction, an invalid file is refused with a log line and changes nothing,
-and settings that only a restart can change are named in the log.
+and settings that only a restart can change are named in the log. A change to the config
+file, or to the ip-masq-agent file, is noticed by `watch` and reloaded the same way (a
+ConfigMap is updated by the kubelet, and no one sends SIGHUP); every refused reload is
+counted in `masqd_config_reload_failures_total`.
 
 Shutdown (SIGTERM, SIGINT): tell systemd we are stopping, stop accepting requests, let the
 loops finish, close the kernel backend. The table stays in the kernel: containers keep their
@@ -62,6 +65,7 @@ from masqd.sdnotify import Notifier, watchdog_loop
 from masqd.server import LimitedSockSite
 from masqd.state import CapacityExceeded, DesiredState
 from masqd.statedir import StateDirLock
+from masqd.watch import ConfigWatcher
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,7 @@ class Daemon:
         )
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._reload_cause = "SIGHUP"  # what asked for the pending reload, for the log
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -338,7 +343,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
 
         ctx = ApiContext(
             state=self.state,
@@ -371,6 +376,7 @@ class Daemon:
                 tasks.create_task(self._watch_spool(), name="spool-watch")
                 tasks.create_task(watchdog_loop(self.notifier, self.healthy), name="watchdog")
                 tasks.create_task(self._reload_loop(), name="reload")
+                tasks.create_task(self._watch_config(), name="config-watch")
                 if self.config.adopt_cni_plugins_rules:
                     tasks.create_task(self._adopt_at_startup(), name="adopt-cni-plugins")
                 await self._stop.wait()
@@ -455,32 +461,67 @@ class Daemon:
         log.info("metrics on http://%s/metrics", self.metrics_address)
         return runner
 
-    # ---- SIGHUP and adoption -------------------------------------------------------------
+    # ---- SIGHUP, config changes and adoption -----------------------------------------------
 
-    def reload_config(self) -> Policy | None:
+    def request_reload(self, cause: str) -> None:
+        self._reload_cause = cause
+        self._reload.set()
+
+    def watched_files(self) -> list[str]:
+        if self.loader is None:
+            return []
+        files = [self.loader.path]
+        if self.loader.ip_masq_agent_path:
+            files.append(self.loader.ip_masq_agent_path)
+        return files
+
+    async def _watch_config(self) -> None:
+        """Reload when a config file's content changes (see `watch`); SIGHUP remains."""
+        files = self.watched_files()
+        if not files:
+            return
+        assert self.loader is not None
+        watcher = ConfigWatcher(
+            files,
+            baseline=self.loader.digests,
+            on_change=lambda: self.request_reload("config file changed"),
+        )
+        try:
+            await watcher.run()
+        except OSError as exc:
+            log.warning("cannot watch the config files (%s); SIGHUP still reloads", exc)
+
+    def reload_config(self, cause: str = "SIGHUP") -> Policy | None:
         """Re-read the config file; the new policy handed to the reconciler, or None when the
         file was refused or the policy did not change. Never raises for a bad file."""
         if self.loader is None:
-            log.warning("SIGHUP: this daemon was not started from a config loader; ignored")
+            log.warning("%s: this daemon was not started from a config loader; ignored", cause)
             return None
         try:
             new = self.loader.load()
         except ConfigError as exc:
+            self.metrics.config_reload_failures.inc()
+            self.metrics.config_last_reload_successful.set(0)
             log.error(
-                "SIGHUP: config refused, the running settings stay: %s",
+                "%s: config refused, the running settings stay: %s",
+                cause,
                 "; ".join(str(p) for p in exc.problems),
             )
             return None
+        self.metrics.config_last_reload_successful.set(1)
+        for level, note in self.loader.take_notes():
+            log.log(level, "%s", note)
         old = self.config
         stale = restart_needed(old, new)
         if stale:
             log.warning(
-                "SIGHUP: changed settings that take effect only after a restart: %s",
+                "%s: changed settings that take effect only after a restart: %s",
+                cause,
                 ", ".join(stale),
             )
         if new.log_level != old.log_level:
             logging.getLogger().setLevel(log_level(new.log_level))
-            log.info("SIGHUP: log level %s", new.log_level)
+            log.info("%s: log level %s", cause, new.log_level)
         # Keep the running values of what needs a restart, so status stays truthful.
         self.config = old.model_copy(
             update={
@@ -491,12 +532,13 @@ class Daemon:
         )
         policy = new.policy
         if policy == self.reconciler.policy:
-            log.info("SIGHUP: config %s re-read; policy unchanged", self.loader.path)
+            log.info("%s: config %s re-read; policy unchanged", cause, self.loader.path)
             return None
         log.info(
-            "SIGHUP: new policy from %s: %d exempt IPv4 and %d IPv6 destinations, "
+            "%s: new policy from %s: %d exempt IPv4 and %d IPv6 destinations, "
             "fully-random %s; applying",
-            self.loader.path,
+            cause,
+            " and ".join(self.watched_files()),
             len(policy.exempt4),
             len(policy.exempt6),
             "on" if policy.random_fully else "off",
@@ -508,19 +550,21 @@ class Daemon:
         while True:
             await self._reload.wait()
             self._reload.clear()
-            policy = self.reload_config()
+            cause = self._reload_cause
+            policy = self.reload_config(cause)
             if policy is None:
                 continue
             try:
                 await self.reconciler.wait_policy_applied(policy, self.config.apply_timeout)
             except TimeoutError:
                 log.error(
-                    "SIGHUP: the new policy is not in the kernel after %gs (%s); still trying",
+                    "%s: the new policy is not in the kernel after %gs (%s); still trying",
+                    cause,
                     self.config.apply_timeout,
                     self.reconciler.stats.last_error or "sync pending",
                 )
             else:
-                log.info("SIGHUP: policy applied to table inet %s", self.config.table)
+                log.info("%s: policy applied to table inet %s", cause, self.config.table)
 
     async def _adopt_at_startup(self) -> None:
         await self.reconciler.first_sync_done.wait()
@@ -554,6 +598,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     if os.geteuid() != 0:
         log.warning("not running as root: nftables needs CAP_NET_ADMIN")
+    for level, note in loader.take_notes():
+        log.log(level, "%s", note)
     for name in unknown_environment(loader.environ):
         log.warning("environment variable %s names no masqd setting; ignored", name)
     log.info(

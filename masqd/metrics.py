@@ -84,8 +84,8 @@ class Metrics:
         )
         self.api_duration = Histogram(
             "masqd_api_request_duration_seconds",
-            "API request latency, by route.",
-            ["route"],
+            "API request latency, by route and status code.",
+            ["route", "code"],
             buckets=API_BUCKETS,
             registry=r,
         )
@@ -94,6 +94,19 @@ class Metrics:
             "Attachments removed by garbage collection.",
             registry=r,
         )
+        self.config_reload_failures = Counter(
+            "masqd_config_reload_failures_total",
+            "Config reloads (SIGHUP or a watched file's change) refused; the running settings "
+            "stayed.",
+            registry=r,
+        )
+        self.config_last_reload_successful = Gauge(
+            "masqd_config_last_reload_successful",
+            "1 when the last config reload was applied (or none was tried since start), "
+            "0 when it was refused.",
+            registry=r,
+        )
+        self.config_last_reload_successful.set(1)
         self.build_info = Gauge(
             "masqd_build_info",
             "Always 1; the version label says which build runs.",
@@ -115,7 +128,7 @@ class Metrics:
     def observe_request(self, *, route: str, method: str, code: int, seconds: float) -> None:
         method = method if method in API_METHODS else "other"
         self.api_requests.labels(route=route, method=method, code=str(code)).inc()
-        self.api_duration.labels(route=route).observe(seconds)
+        self.api_duration.labels(route=route, code=str(code)).observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST

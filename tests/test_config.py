@@ -72,7 +72,14 @@ def test_defaults_when_no_file_no_environment_no_flags() -> None:
 
 
 def test_a_file_can_hold_every_setting(tmp_path: Path) -> None:
-    cfg = load(["--config", write(tmp_path, FULL_FILE)])
+    # An ip-masq-agent file that adds no exempt destination (see tests/test_ipmasqagent.py).
+    agent = write(
+        tmp_path,
+        "nonMasqueradeCIDRs: []\nmasqLinkLocal: true\nmasqLinkLocalIPv6: true\n",
+        "ip-masq-agent",
+    )
+    full = f'    ip_masq_agent_config = "{agent}"\n' + FULL_FILE
+    cfg = load(["--config", write(tmp_path, full)])
     assert cfg == DaemonConfig(
         socket="/tmp/file.sock",
         state_dir="/tmp/file-state",
@@ -89,6 +96,7 @@ def test_a_file_can_hold_every_setting(tmp_path: Path) -> None:
         client_timeout=2.5,
         nft_runner="cli",
         adopt_cni_plugins_rules=True,
+        ip_masq_agent_config=agent,
         exempt_destinations=("10.0.0.0/8", "fd00::/8"),
         random_fully=True,
     )

@@ -65,8 +65,11 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "masqd_last_sync_timestamp_seconds": ("gauge", frozenset()),
     "masqd_last_successful_sync_timestamp_seconds": ("gauge", frozenset()),
     "masqd_api_requests": ("counter", frozenset({"route", "method", "code"})),
-    "masqd_api_request_duration_seconds": ("histogram", frozenset({"route"})),
+    "masqd_api_request_duration_seconds": ("histogram", frozenset({"route", "code"})),
     "masqd_gc_removed_attachments": ("counter", frozenset()),
+    # Issue 13: config reloads (SIGHUP or a watched file's change).
+    "masqd_config_reload_failures": ("counter", frozenset()),
+    "masqd_config_last_reload_successful": ("gauge", frozenset()),
     "masqd_build_info": ("gauge", frozenset({"version"})),
 }
 HISTOGRAM_LABELS = frozenset({"le"})
@@ -375,7 +378,9 @@ def test_api_requests_are_counted_by_route_method_and_code(daemon: MasqdProcess)
     # Unknown paths and methods land on fixed label values: no series per odd request.
     assert requests("unmatched", "GET", "404") == 1
     assert requests("unmatched", "other", "405") == 1
-    assert counted("masqd_api_request_duration_seconds_count", route=ATTACHMENT) == 3
+    # Latency by route and code: the two 400s and the 200 are told apart.
+    assert counted("masqd_api_request_duration_seconds_count", route=ATTACHMENT, code="400") == 2
+    assert counted("masqd_api_request_duration_seconds_count", route=ATTACHMENT, code="200") == 1
     # The harness's readiness polls went through the API too.
     assert requests("/readyz", "GET", "200") >= 1
     routes = counted.label_values("masqd_api_requests_total", "route")
