@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from masqd.config import DEFAULT_SOCKET
+from masqd.defaults import DEFAULT_SOCKET
 
 
 class CliError(Exception):

@@ -44,16 +44,18 @@ from typing import Annotated, Any, Literal, NoReturn
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from masqd import __version__, ipmasqagent
+from masqd.defaults import (
+    DEFAULT_CONFIG,
+    DEFAULT_METRICS_LISTEN,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TABLE,
+    ENV_CONFIG,
+    ENV_PREFIX,
+)
 from masqd.ruleset import Policy
 from masqd.watch import Digest, file_digest
 
-DEFAULT_CONFIG = "/etc/masqd/masqd.toml"
-DEFAULT_SOCKET = "/run/masqd/masqd.sock"
-DEFAULT_STATE_DIR = "/run/masqd"
-DEFAULT_TABLE = "masqd"
-DEFAULT_METRICS_LISTEN = "127.0.0.1:9810"
-ENV_PREFIX = "MASQD_"
-ENV_CONFIG = "MASQD_CONFIG"
 MAX_EXEMPT_DESTINATIONS = 100_000
 
 # The file's [policy] table holds these fields; every other field is a top-level key.
