@@ -187,9 +187,6 @@ class ConfigError(Exception):
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         super().__init__(f"{problems[0]}{more}")
 
-    def describe(self) -> str:
-        return "\n".join(str(p) for p in self.problems)
-
 
 def _loc_text(loc: Sequence[Any]) -> str:
     out = ""

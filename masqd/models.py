@@ -47,9 +47,6 @@ COMMENT_MAX_BYTES = 128
 
 _PREFIX_LENGTH = re.compile(r"[0-9]{1,3}")
 
-MULTICAST4 = ipaddress.IPv4Network("224.0.0.0/4")
-MULTICAST6 = ipaddress.IPv6Network("ff00::/8")
-
 
 def _check_recorded_ifname(value: str) -> str:
     """The kernel's rules and what nftables needs: enough to identify an attachment that the

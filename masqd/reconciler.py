@@ -39,7 +39,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from masqd import plan, ruleset
@@ -84,8 +84,6 @@ class SyncStats:
     last_error: str | None = None
     last_duration: float | None = None
     last_ok_time: float | None = None
-    last_tx_elements: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -254,13 +252,6 @@ class Reconciler:
         observation = await self.backend.observe()
         desired = self._desired(self.policy)
         return plan.plan(desired, observation.table, table=self.table, policy=self.policy)
-
-    def plan_now(self) -> plan.Transaction | None:
-        """What a full sync against the current mirror would do (for `masqctl diff`)."""
-        if self._mirror is None:
-            return None
-        desired = self._desired(self.policy)
-        return plan.plan(desired, self._mirror, table=self.table, policy=self.policy)
 
     def status(self) -> dict[str, Any]:
         s = self.stats
@@ -434,7 +425,6 @@ class Reconciler:
         self._mirror = mirror
         self._seeded = False
         self.applied_policy = policy
-        self.stats.last_tx_elements = tx.element_changes
         if self.journal is not None:
             await self._journal_housekeeping(self.journal, taken)
         return drifted

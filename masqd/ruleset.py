@@ -175,9 +175,6 @@ class TableState:
     def copy(self) -> TableState:
         return TableState(self.structure, {name: dict(elems) for name, elems in self.sets.items()})
 
-    def element_count(self) -> int:
-        return sum(len(elems) for elems in self.sets.values())
-
 
 def sources_set(address: str) -> str:
     """The sources set for an address string."""

@@ -297,8 +297,6 @@ async def test_diff_plans_against_a_fresh_listing_and_changes_nothing() -> None:
         tx.to_script() == 'create element inet masqd sources4 { 198.18.1.2 comment "net/c1/eth0" }'
     )
     assert fake.dump() == before and len(fake.applied) == commits  # nothing applied
-    plan_now = rec.plan_now()
-    assert plan_now is not None and plan_now.empty  # the mirror alone would not have seen it
 
 
 @pytest.mark.kernel
