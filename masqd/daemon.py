@@ -366,6 +366,7 @@ class Daemon:
                 max_connections=caps.api,
                 send_timeout=self.config.client_timeout,
                 guard=guard,
+                on_refused=self.metrics.refusals("api"),
             ).start()
             await self.subscribe_events()
             async with asyncio.TaskGroup() as tasks:

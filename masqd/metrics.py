@@ -32,6 +32,9 @@ SYNC_KINDS = ("full", "partial")
 FAMILIES = ("ipv4", "ipv6")
 # Methods the API answers; any other is counted as "other" (aiohttp accepts any token).
 API_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"})
+# Where a connection was refused before its request was read, and why (server.LimitedSockSite).
+LISTENERS = ("api", "metrics")
+REFUSALS = ("max_connections", "descriptors")
 
 
 class Metrics:
@@ -107,6 +110,13 @@ class Metrics:
             registry=r,
         )
         self.config_last_reload_successful.set(1)
+        self.connections_refused = Counter(
+            "masqd_connections_refused_total",
+            "Connections answered 503 and closed before their request was read: at the "
+            "listener's connection cap, or with the daemon short of file descriptors.",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "masqd_build_info",
             "Always 1; the version label says which build runs.",
@@ -119,6 +129,16 @@ class Metrics:
             self.kernel_elements.labels(family=family).set(0)
         for kind in SYNC_KINDS:
             self.sync_duration.labels(kind=kind)
+        for listener in LISTENERS:
+            for reason in REFUSALS:
+                self.connections_refused.labels(listener=listener, reason=reason)
+
+    def refusals(self, listener: str) -> Callable[[str], None]:
+        """What a `LimitedSockSite` on `listener` calls with the reason of each refusal."""
+        children = {
+            r: self.connections_refused.labels(listener=listener, reason=r) for r in REFUSALS
+        }
+        return lambda reason: children[reason].inc()
 
     def count_attachments(self, count: Callable[[], int]) -> None:
         """Read `masqd_attachments` from `count` at every scrape: it moves with each setup
@@ -200,6 +220,7 @@ async def serve_metrics(
             max_connections=max_connections,
             send_timeout=client_timeout,
             guard=guard,
+            on_refused=metrics.refusals("metrics"),
         ).start()
     except BaseException:
         await runner.cleanup()

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import socket
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -52,6 +53,7 @@ class LimitedSockSite(web.SockSite):
         max_connections: int,
         send_timeout: float,
         guard: Guard | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         # asyncio listens on the socket again with this backlog (a passed one too). aiohttp's
         # default of 128 is too short: a runtime starting hundreds of containers at once
@@ -62,7 +64,8 @@ class LimitedSockSite(web.SockSite):
         self.max_connections = max_connections
         self.send_timeout = send_timeout
         self.guard = guard
-        self.refused = 0
+        # Told the reason of each refusal ("max_connections" or "descriptors"), for the metric.
+        self.on_refused = on_refused
         # Weak: a handler asyncio made but never connected (its transport failed) drops out.
         self._live: weakref.WeakSet[_JsonErrorHandler] = weakref.WeakSet()
 
@@ -77,13 +80,15 @@ class LimitedSockSite(web.SockSite):
 
         def protocol() -> asyncio.BaseProtocol:
             if len(self._live) >= self.max_connections:
-                self.refused += 1
-                return _Refused(
-                    f"too many connections: {self.max_connections} are open, the configured maximum"
+                return self._refuse(
+                    "max_connections",
+                    f"too many connections: {self.max_connections} are open, "
+                    "the configured maximum",
                 )
             if self.guard is not None and self.guard.low():
-                self.refused += 1
-                return _Refused("the daemon is short of file descriptors; try again")
+                return self._refuse(
+                    "descriptors", "the daemon is short of file descriptors; try again"
+                )
             handler = _JsonErrorHandler(server, loop=loop, **handler_args)
             handler.send_timeout = self.send_timeout
             handler.live = self._live
@@ -96,6 +101,11 @@ class LimitedSockSite(web.SockSite):
         # the kernel's queue is set back to the full backlog right after.
         self._server = await loop.create_server(protocol, sock=self._sock, backlog=ACCEPT_BURST)
         self._sock.listen(self._backlog)
+
+    def _refuse(self, reason: str, message: str) -> _Refused:
+        if self.on_refused is not None:
+            self.on_refused(reason)
+        return _Refused(message)
 
 
 class _JsonErrorHandler(RequestHandler):

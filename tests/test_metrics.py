@@ -51,6 +51,7 @@ from masqd.ruleset import Policy
 from masqd.state import DesiredState
 from tests.conftest import DaemonFactory
 from tests.daemon import REPO, MasqdProcess, kernel_table
+from tests.flood import Flood
 from tests.netns import netns, nft, ns_run
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
@@ -71,6 +72,8 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "masqd_config_reload_failures": ("counter", frozenset()),
     "masqd_config_last_reload_successful": ("gauge", frozenset()),
     "masqd_build_info": ("gauge", frozenset({"version"})),
+    # Connections refused before their request (issue 12: counted, now exported).
+    "masqd_connections_refused": ("counter", frozenset({"listener", "reason"})),
 }
 HISTOGRAM_LABELS = frozenset({"le"})
 
@@ -385,6 +388,63 @@ def test_api_requests_are_counted_by_route_method_and_code(daemon: MasqdProcess)
     assert requests("/readyz", "GET", "200") >= 1
     routes = counted.label_values("masqd_api_requests_total", "route")
     assert routes <= {ATTACHMENT, "unmatched", "/readyz", "/v1/status"}
+
+
+def _status_line(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: masqd\r\nConnection: close\r\n\r\n")
+    return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+@pytest.mark.kernel
+def test_connections_refused_at_the_cap_are_counted_by_listener(
+    daemon_factory: DaemonFactory,
+) -> None:
+    daemon = daemon_factory(extra_args=["--max-connections", "2", "--metrics-max-connections", "2"])
+    before = scrape(daemon)
+    for listener in ("api", "metrics"):
+        for reason in ("max_connections", "descriptors"):
+            labels = {"listener": listener, "reason": reason}
+            assert before.value("masqd_connections_refused_total", **labels) == 0
+
+    held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.connect(daemon.socket)
+        # Every connection beyond the two held is answered 503; count them as they come
+        # (the first tries may still be served while the daemon accepts the held two).
+        refused_api = 0
+        deadline = time.monotonic() + 10
+        while refused_api < 3:
+            assert time.monotonic() < deadline, "no 503 beyond --max-connections 2"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+                extra.connect(daemon.socket)
+                if _status_line(extra).startswith(b"HTTP/1.1 503"):
+                    refused_api += 1
+    finally:
+        for sock in held:
+            sock.close()
+
+    host, _, port = daemon.status()["metrics_address"].rpartition(":")
+    with Flood(["tcp", host, port], 2, ns=daemon.ns) as flood:
+        assert flood.opened == 2
+        refused_metrics = 0
+        deadline = time.monotonic() + 10
+        while refused_metrics < 1:
+            assert time.monotonic() < deadline, "no 503 beyond --metrics-max-connections 2"
+            code = http_code(daemon, "/healthz")
+            refused_metrics += code == 503
+    poll(lambda: http_code(daemon, "/healthz") == 200, 10, "metrics port served again")
+
+    after = scrape(daemon)
+    api = after("masqd_connections_refused_total", listener="api", reason="max_connections")
+    assert api == refused_api
+    metrics = after("masqd_connections_refused_total", listener="metrics", reason="max_connections")
+    assert metrics >= refused_metrics
+    for listener in ("api", "metrics"):
+        assert (
+            after("masqd_connections_refused_total", listener=listener, reason="descriptors") == 0
+        )
 
 
 @pytest.mark.kernel
