@@ -2,15 +2,19 @@
 
 Start-up, in order:
 0. lock the state directory (`statedir`): a second daemon on it refuses to start;
-1. load the journal into the desired state (problems are reported, never fatal); unless the
+1. open the nftables sockets (so they get low descriptor numbers) and fit the listeners'
+   connection caps under the descriptor limit (`fdlimit`);
+2. load the journal into the desired state (problems are reported, never fatal); unless the
    journal proves it is complete (see `journal`), while the table is in the kernel, adopt
    the attachments the table's element comments name and the journal does not (`adopt`)
    rather than wipe what it holds;
-2. apply DELs that the CNI plugin spooled while the daemon was away;
-3. open the API socket (the one systemd passed, or our own), so requests queue meanwhile;
-4. run the first full sync: it lists the table and changes only what differs, so a restart
-   never takes a working rule away;
-5. report ready (sd_notify READY=1, /readyz 200).
+3. apply DELs that the CNI plugin spooled while the daemon was away;
+4. open the metrics port and the API socket (the one systemd passed, or our own), so
+   requests queue meanwhile;
+5. run the first sync: it lists the table, unless the journal's last sync marker shows the
+   kernel unchanged since (same ruleset generation and policy), and changes only what
+   differs, so a restart never takes a working rule away;
+6. report ready (sd_notify READY=1, /readyz 200).
 
 With `--adopt-cni-plugins-rules`, once the first sync is done the CNI plugins' legacy rules
 are adopted (see `migrate`). SIGHUP re-reads the config file: a valid policy goes to the

@@ -31,8 +31,10 @@ first append numbers on from there. Readers that predate `n`, `next` and `count`
 An append that fails (ENOSPC, EIO) is cut back off the file (`ftruncate` to the length before
 it) before anything else is appended, so a half record is never followed by whole ones.
 
-Records are queued on the event loop (`record_*`), written by `write_pending` in a worker
-thread, and compacted by `compact` when the journal has grown past its snapshot.
+Records are queued on the event loop (`record_*`) and written by `write_pending`: on the loop
+itself when the batch is small and the last append was fast (tmpfs), in a worker thread
+otherwise (the reconciler chooses, see `Reconciler._write_journal`; never two at once). When
+the journal has grown past its snapshot, `compact` rewrites both in a worker thread.
 """
 
 from __future__ import annotations
@@ -321,7 +323,7 @@ class Journal:
         limit = max(self.compact_min, 2 * attachments)
         return self._lines_in_journal > (4 * limit if overdue else limit)
 
-    # ---- writing (worker thread) ---------------------------------------------------------
+    # ---- writing (on the loop or in a worker thread, one at a time) ------------------------------
 
     def write_pending(self, records: list[bytes], *, sync: bool = True) -> None:
         """Number, append and fsync `records` (from `take_pending`): once this returns, the

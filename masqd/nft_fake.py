@@ -1,10 +1,12 @@
 """An in-memory nftables for tests, with the kernel's semantics for what masqd does.
 
-`FakeBackend` implements `nft.Backend`. It runs the very nftables JSON that `KernelBackend`
-sends (`Transaction.to_json()`), so the encoding is exercised too, and lists its table back
-in the kernel's JSON shape through `ruleset.parse_table`, the parser masqd uses on the real
-listing. What it keeps faithful (each point checked against nftables 1.0.6 on a 6.x kernel,
-and by tests/test_nft_kernel.py, which runs the same scenarios on both):
+`FakeBackend` implements `nft.Backend`. It runs the transaction's nftables JSON as
+`Transaction.to_json()` builds it; `KernelBackend` sends the same commands as text written by
+`Transaction.batches` (tests/test_plan.py checks that the two encodings agree, and that the
+batches make the same table as the whole). It lists its table back in the kernel's JSON
+shape through `ruleset.parse_table`, the parser masqd uses on the real listing. What it
+keeps faithful (each point checked against nftables 1.0.6 on a 6.x kernel, and by
+tests/test_nft_kernel.py, which runs the same scenarios on both):
 
 - a batch is all or nothing: any failing command leaves the table and the generation as
   they were;
