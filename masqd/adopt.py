@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from masqd.models import AttachmentRef, AttachmentSpec, parse_ip
+from masqd.models import AttachmentKeyT, AttachmentRef, AttachmentSpec, parse_ip
 from masqd.ruleset import (
     SOURCES4,
     SOURCES6,
@@ -32,8 +32,6 @@ from masqd.ruleset import (
     parse_local_set,
     parse_owner_comment,
 )
-
-AttachmentKeyT = tuple[str, str, str]
 
 
 @dataclass

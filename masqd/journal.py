@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from masqd.models import AttachmentKeyT
+
 log = logging.getLogger(__name__)
 
 SNAPSHOT = "attachments.snapshot"
@@ -58,9 +60,6 @@ FORMAT_VERSION = 1  # `n`, `next` and `count` are additions an older reader igno
 
 class JournalError(Exception):
     """An append failed; it was cut back off the file, and its records are not durable."""
-
-
-Key = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class Entry:
     """
 
     op: str
-    key: Key = ("", "", "")
+    key: AttachmentKeyT = ("", "", "")
     ips: tuple[str, ...] = ()
     generation: int | None = None
     fingerprint: str | None = None
@@ -294,10 +293,10 @@ class Journal:
 
     # ---- recording (event loop) ----------------------------------------------------------
 
-    def record_put(self, key: Key, ips: Iterable[str]) -> None:
+    def record_put(self, key: AttachmentKeyT, ips: Iterable[str]) -> None:
         self._pending.append(_record({"op": "put", "k": list(key), "ips": list(ips)}))
 
-    def record_delete(self, key: Key) -> None:
+    def record_delete(self, key: AttachmentKeyT) -> None:
         self._pending.append(_record({"op": "del", "k": list(key)}))
 
     def write_marker(self, generation: int, fingerprint: str) -> None:
@@ -387,7 +386,7 @@ class Journal:
         except OSError as exc:
             log.warning("journal: cannot write %s: %s", self.end_path, exc)
 
-    def compact(self, records: Iterable[tuple[Key, tuple[str, ...]]]) -> None:
+    def compact(self, records: Iterable[tuple[AttachmentKeyT, tuple[str, ...]]]) -> None:
         """Write every attachment as the new snapshot, then start an empty journal."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.snapshot_path.with_suffix(".tmp")

@@ -18,7 +18,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from masqd.plan import AttachmentKeyT, AttachmentRecord
+from masqd.models import AttachmentKeyT
+from masqd.plan import AttachmentRecord
 from masqd.state import DesiredState
 
 SLICE = 250  # records: about 40 KB of JSON and well under a millisecond to make

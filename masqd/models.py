@@ -200,6 +200,10 @@ def key_problem(
     return None
 
 
+# An attachment's key inside the daemon (state, journal, planning, adoption): (network,
+# container ID, ifname), as `AttachmentKey.as_tuple` gives it.
+AttachmentKeyT = tuple[str, str, str]
+
 _STRICT = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
 
 
@@ -211,7 +215,7 @@ class AttachmentKey(BaseModel):
     container_id: ContainerID
     ifname: IfName
 
-    def as_tuple(self) -> tuple[str, str, str]:
+    def as_tuple(self) -> AttachmentKeyT:
         return (self.network, self.container_id, self.ifname)
 
 
@@ -228,7 +232,7 @@ class AttachmentRef(BaseModel):
     container_id: ContainerID
     ifname: RecordedIfName
 
-    def as_tuple(self) -> tuple[str, str, str]:
+    def as_tuple(self) -> AttachmentKeyT:
         return (self.network, self.container_id, self.ifname)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from masqd import ruleset
+from masqd.models import AttachmentKeyT
 from masqd.ruleset import (
     EXEMPT4,
     EXEMPT6,
@@ -44,8 +45,6 @@ from masqd.ruleset import (
     set_entry,
     sources_set,
 )
-
-AttachmentKeyT = tuple[str, str, str]
 
 _ENCODE_CHUNK = 4096  # elements joined at a time: their fragments are freed chunk by chunk
 

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from masqd import plan
 from masqd.journal import Entry, Journal
-from masqd.models import key_problem
-from masqd.plan import AttachmentKeyT, AttachmentRecord
+from masqd.models import AttachmentKeyT, key_problem
+from masqd.plan import AttachmentRecord
 from masqd.ruleset import SOURCE_SETS, Element, Policy, local_family, sources_set
 
 log = logging.getLogger(__name__)

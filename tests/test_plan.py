@@ -16,8 +16,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from masqd import plan, ruleset
+from masqd.models import AttachmentKeyT
 from masqd.nft_fake import FakeBackend
-from masqd.plan import AttachmentKeyT, AttachmentRecord, Transaction
+from masqd.plan import AttachmentRecord, Transaction
 from masqd.ruleset import (
     EXEMPT4,
     SOURCES4,

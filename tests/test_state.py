@@ -17,8 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from masqd import plan, ruleset
 from masqd.journal import Journal
-from masqd.models import parse_ip
-from masqd.plan import AttachmentKeyT
+from masqd.models import AttachmentKeyT, parse_ip
 from masqd.ruleset import SOURCES4, Element, Policy
 from masqd.state import CapacityExceeded, DesiredState
 
