@@ -569,7 +569,12 @@ class Daemon:
                     self.reconciler.stats.last_error or "sync pending",
                 )
             else:
-                log.info("%s: policy applied to table inet %s", cause, self.config.table)
+                log.info(
+                    "%s: policy applied to table inet %s",
+                    cause,
+                    self.config.table,
+                    extra=logrepeat.ALWAYS,
+                )
 
     async def _adopt_at_startup(self) -> None:
         await self.reconciler.first_sync_done.wait()

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 # plus the connections a burst brings in before the caps are checked (server.ACCEPT_BURST
 # per loop turn, and those refused, until their close in a later turn).
 RESERVE = 128
+# Connections refused with a 503 that are kept open a moment so that the answer arrives
+# (server._Refused lingers): they hold descriptors beyond the caps, so the caps make room.
+LINGERING = 64
+# Descriptors the daemon opens after the caps are fitted: listeners, the journal and its end
+# file, the event socket, the loop's selector, worker threads' pipes (about 15 seen).
+OPENED_LATER = 32
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,19 @@ class Budget:
     cut: bool
 
 
-def fit_caps(*, soft: int, in_use: int, api: int, metrics: int, reserve: int = RESERVE) -> Budget:
-    """Cut the listeners' caps so that, all of them full, `reserve` descriptors stay free.
-    The metrics port gives way first (a scrape can wait, a container's setup cannot), down to
-    one connection; then the API, down to one."""
-    room = max(2, soft - in_use - reserve)
+def fit_caps(
+    *,
+    soft: int,
+    in_use: int,
+    api: int,
+    metrics: int,
+    reserve: int = RESERVE,
+    lingering: int = LINGERING,
+) -> Budget:
+    """Cut the listeners' caps so that, all of them full and `lingering` refused connections
+    still open, `reserve` descriptors stay free. The metrics port gives way first (a scrape
+    can wait, a container's setup cannot), down to one connection; then the API, down to one."""
+    room = max(2, soft - in_use - OPENED_LATER - reserve - lingering)
     if api + metrics <= room:
         return Budget(api, metrics, cut=False)
     fitted_metrics = max(1, min(metrics, room - api))
@@ -114,12 +128,13 @@ def prepare(*, api: int, metrics: int) -> tuple[Guard, Budget]:
         log.info("descriptor limit raised from %d to %d", limits.raised_from, limits.soft)
     if budget.cut:
         log.warning(
-            "the descriptor limit of %d (%d in use, %d kept in reserve) does not fit "
-            "--max-connections %d and --metrics-max-connections %d: serving at most %d API "
+            "the descriptor limit of %d (%d in use, %d kept in reserve, %d for refusals) does "
+            "not fit --max-connections %d and --metrics-max-connections %d: serving at most %d API "
             "and %d metrics connections; raise LimitNOFILE (or the container's nofile limit)",
             limits.soft,
             in_use,
             RESERVE,
+            LINGERING,
             api,
             metrics,
             budget.api,

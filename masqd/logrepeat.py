@@ -23,6 +23,9 @@ from dataclasses import dataclass
 WINDOW = 10.0  # seconds
 MAX_LINES = 256
 SUMMARY_TEXT = 200  # characters of the repeated line quoted in its summary
+# `log.info(..., extra=ALWAYS)`: a line an operator acted for (a reload applied), never held
+# back however often it comes; it cannot flood, since each one answers an operator's change.
+ALWAYS = {"masqd_always": True}
 
 
 @dataclass
@@ -51,7 +54,7 @@ class RepeatFilter(logging.Filter):
         self.held_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "masqd_summary", False):
+        if getattr(record, "masqd_summary", False) or getattr(record, "masqd_always", False):
             return True
         now = self.clock()
         key = (record.name, record.levelno, record.getMessage())

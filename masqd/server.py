@@ -25,7 +25,7 @@ from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from masqd.api import error
-from masqd.fdlimit import Guard
+from masqd.fdlimit import LINGERING, Guard
 from masqd.models import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class _Refused(asyncio.Protocol):
 
     LINGER_SECONDS = 1.0
     LINGER_BYTES = 256 * 1024
-    MAX_LINGERING = 64
+    MAX_LINGERING = LINGERING  # the descriptor budget makes room for them (fdlimit)
     lingering = 0  # refused connections lingering now, all sites together
 
     def __init__(self, message: str) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import signal
 import subprocess
 import time
@@ -37,6 +38,7 @@ from typing import Any
 import pytest
 
 from masqd.events import EventWatcher
+from masqd.journal import END, _end_line
 from masqd.metrics import Metrics
 from masqd.nft import KernelBackend
 from masqd.nft_fake import FakeBackend, dump_table
@@ -504,6 +506,10 @@ def _drop_last_marker(daemon: MasqdProcess) -> None:
     lines = journal.read_bytes().splitlines(keepends=True)
     assert b'"synced"' in lines[-1] and b'"put"' in lines[-2]
     journal.write_bytes(b"".join(lines[:-1]))
+    # The put was the last record written: the end file named it then (see masqd.journal).
+    put_seq = re.search(rb'"n": ?(\d+)', lines[-2])
+    assert put_seq is not None
+    (journal.parent / END).write_bytes(_end_line(int(put_seq.group(1))))
 
 
 def _setup(daemon: MasqdProcess, n: int) -> None:

@@ -7,7 +7,7 @@ import resource
 import subprocess
 import sys
 
-from masqd.fdlimit import RESERVE, fit_caps
+from masqd.fdlimit import LINGERING, OPENED_LATER, RESERVE, fit_caps
 
 
 def test_caps_that_fit_are_kept() -> None:
@@ -16,12 +16,16 @@ def test_caps_that_fit_are_kept() -> None:
 
 
 def test_over_the_limit_the_metrics_port_gives_way_first_then_the_api() -> None:
-    # 1,024 free after the reserve: the API keeps 1,000, metrics gets what is left.
-    budget = fit_caps(soft=1024 + 20 + RESERVE, in_use=20, api=1000, metrics=64)
+    # 1,024 free after the reserve and the lingering refusals: the API keeps 1,000, metrics
+    # gets what is left.
+    budget = fit_caps(
+        soft=1024 + 20 + OPENED_LATER + RESERVE + LINGERING, in_use=20, api=1000, metrics=64
+    )
     assert (budget.api, budget.metrics, budget.cut) == (1000, 24, True)
     budget = fit_caps(soft=1024, in_use=20, api=1024, metrics=64)
-    assert budget.cut and budget.metrics == 1 and budget.api == 1024 - 20 - RESERVE - 1
-    assert budget.api + budget.metrics + 20 + RESERVE <= 1024
+    assert budget.cut and budget.metrics == 1
+    assert budget.api == 1024 - 20 - OPENED_LATER - RESERVE - LINGERING - 1
+    assert budget.api + budget.metrics + 20 + OPENED_LATER + LINGERING + RESERVE <= 1024
 
 
 def test_a_hopeless_limit_still_leaves_one_connection_each() -> None:

@@ -28,7 +28,8 @@ from tests.daemon import MasqdProcess, kernel_table, running_masqd
 pytestmark = pytest.mark.kernel
 
 PAGE = 4096
-LONG_ID = "x" * 128  # the longest container ID: a delete record of about 180 bytes
+LONG_ID = "x" * 118  # as long as the element comment allows with "net" and "eth0": a delete
+# record of about 170 bytes
 
 
 @contextlib.contextmanager
@@ -70,7 +71,8 @@ def align_journal(daemon: MasqdProcess, journal: Path, target: range) -> None:
             return
         prefix = f"p{index}-"
         wanted = 64 if cost is None else room - cost - (target.start + target.stop) // 2
-        cid = prefix + "y" * max(0, min(128, wanted) - len(prefix))
+        longest = 128 - len("pad//eth0")  # the owner comment "pad/ID/eth0" fits in 128 bytes
+        cid = prefix + "y" * max(0, min(longest, wanted) - len(prefix))
         before = journal.stat().st_size
         assert daemon.client.put_attachment("pad", cid, "eth0", ["198.18.90.2/24"]).status == 200
         cost = journal.stat().st_size - before - len(cid)

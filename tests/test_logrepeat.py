@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from masqd.logrepeat import RepeatFilter, install
+from masqd.logrepeat import ALWAYS, RepeatFilter, install
 
 
 class FakeClock:
@@ -115,3 +115,16 @@ def test_install_covers_every_logger_through_the_root_handlers() -> None:
     for _ in range(50):
         handler.handle(record)
     assert handler.lines == ["ERROR asyncio: accept failed"]
+
+
+def test_a_line_marked_always_is_never_held_back(
+    rig: tuple[logging.Logger, Collect, FakeClock],
+) -> None:
+    logger, handler, clock = rig
+    for _ in range(3):  # three ConfigMap updates a second apart: each one is news
+        logger.info("config file changed: policy applied to table inet masqd", extra=ALWAYS)
+        clock.now += 1.0
+    assert (
+        handler.lines
+        == ["INFO masqd.test: config file changed: policy applied to table inet masqd"] * 3
+    )
