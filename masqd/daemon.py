@@ -323,8 +323,7 @@ class Daemon:
     async def _run_locked(self) -> None:
         # Before any listener: the nftables sockets must get low descriptor numbers (see
         # nft.LibNftables), and the listeners' caps must fit the descriptor limit.
-        if isinstance(self.backend, KernelBackend):
-            await self.backend.open()
+        await self.backend.open()
         guard, caps = fdlimit.prepare(
             api=self.config.max_connections, metrics=self.config.metrics_max_connections
         )

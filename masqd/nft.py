@@ -114,6 +114,9 @@ class Backend(Protocol):
 
     async def generation(self) -> int: ...
 
+    async def open(self) -> None:
+        """Open what the backend talks to the kernel through, before any listener accepts."""
+
     async def close(self) -> None: ...
 
 

@@ -124,6 +124,9 @@ class FakeBackend:
         self._check_open()
         return self._generation
 
+    async def open(self) -> None:
+        pass  # no sockets
+
     async def close(self) -> None:
         self.closed = True
 

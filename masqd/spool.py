@@ -44,6 +44,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from masqd import paths
+
 SPOOL_DIRNAME = "spool"
 FORMAT_VERSION = 1
 ENTRY_PREFIX = "del-"
@@ -197,22 +199,12 @@ def _open_spool(spool_dir: str) -> Iterator[int | None]:
             raise UnsafeSpool(f"{spool_dir} is {what}; nothing in it is applied") from None
         raise
     try:
-        problem = spool_dir_problem(os.fstat(fd))
+        problem = paths.dir_problem(os.fstat(fd), shared_ok=False)
         if problem is not None:
             raise UnsafeSpool(f"{spool_dir}: {problem}; nothing in it is applied")
         yield fd
     finally:
         os.close(fd)
-
-
-def spool_dir_problem(st: os.stat_result) -> str | None:
-    """Why a spool directory with this status cannot be trusted, or None."""
-    if st.st_uid not in (0, os.geteuid()):
-        return f"owned by uid {st.st_uid}, not by root or the daemon's user"
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"mode {mode:04o} lets others write it"
-    return None
 
 
 class SpoolWatcher:

@@ -67,15 +67,20 @@ def test_files_are_not_writable_by_others(tmp_path: Path) -> None:
     journal.close()
 
 
-def test_a_torn_last_line_is_detected_and_skipped(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+def _torn_journal(directory: Path) -> Journal:
+    """Two puts, then a crash mid-write: the last record lost its end."""
+    journal = Journal(directory)
     journal.record_put(A, ["198.18.1.2/24"])
     journal.record_put(B, ["198.18.1.3/24"])
     write(journal)
     journal.close()
-    # A crash mid-write: the last record lost its end.
     data = journal.journal_path.read_bytes()
     journal.journal_path.write_bytes(data[: len(data) - 7])
+    return journal
+
+
+def test_a_torn_last_line_is_detected_and_skipped(tmp_path: Path) -> None:
+    _torn_journal(tmp_path)
     loaded = Journal(tmp_path).load()
     assert loaded.entries == [Entry("put", A, ("198.18.1.2/24",))]
     assert len(loaded.problems) == 1 and "line 2" in loaded.problems[0]
@@ -401,13 +406,7 @@ def test_a_failed_append_is_cut_back_before_the_next(
 
 
 def test_a_torn_tail_left_by_a_crash_is_cut_before_appending(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
-    journal.record_put(A, ["198.18.1.2/24"])
-    journal.record_put(B, ["198.18.1.3/24"])
-    write(journal)
-    journal.close()
-    data = journal.journal_path.read_bytes()
-    journal.journal_path.write_bytes(data[: len(data) - 7])
+    _torn_journal(tmp_path)
     journal = Journal(tmp_path)
     assert len(journal.load().problems) == 1
     journal.record_put(C, ["198.18.2.2/24"])
