@@ -32,6 +32,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -157,6 +158,13 @@ def _libnftables() -> ctypes.CDLL:
     return lib
 
 
+# libnftables 1.0.6 is not safe to run from two threads at once, even with a context each:
+# two listings in parallel abort the process. The daemon runs it on its worker thread and,
+# for small transactions, on the loop thread (and a test process may hold several backends),
+# so every call into the library takes this lock.
+_LIBRARY_LOCK = threading.Lock()
+
+
 class LibNftables:
     """libnftables through ctypes: no process start, JSON in and out.
 
@@ -174,18 +182,21 @@ class LibNftables:
     def __init__(self) -> None:
         lib = _libnftables()
         self._lib = lib
-        self._ctx = lib.nft_ctx_new(0)
-        if not self._ctx:
-            raise OSError("nft_ctx_new failed")
-        lib.nft_ctx_output_set_flags(self._ctx, self._OUTPUT_JSON)
-        lib.nft_ctx_buffer_output(self._ctx)
-        lib.nft_ctx_buffer_error(self._ctx)
+        with _LIBRARY_LOCK:
+            self._ctx = lib.nft_ctx_new(0)
+            if not self._ctx:
+                raise OSError("nft_ctx_new failed")
+            lib.nft_ctx_output_set_flags(self._ctx, self._OUTPUT_JSON)
+            lib.nft_ctx_buffer_output(self._ctx)
+            lib.nft_ctx_buffer_error(self._ctx)
 
     def run(self, payload: dict[str, Any] | bytes) -> str:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, data)
-        out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
-        err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
+        with _LIBRARY_LOCK:
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, data)
+            out_raw = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
+            err_raw = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
+        out, err = out_raw.decode(), err_raw.decode()
         if rc != 0:
             raise NftError(err.strip() or f"libnftables returned {rc}")
         return out
@@ -193,13 +204,15 @@ class LibNftables:
     def release_cache(self) -> None:
         """Free the context's cache (every element listed or added, in C) and keep the
         context and its socket."""
-        self._lib.nft_run_cmd_from_buffer(self._ctx, self._RELEASE_CACHE)
-        self._lib.nft_ctx_get_output_buffer(self._ctx)
-        self._lib.nft_ctx_get_error_buffer(self._ctx)  # empties the buffer of the parse error
+        with _LIBRARY_LOCK:
+            self._lib.nft_run_cmd_from_buffer(self._ctx, self._RELEASE_CACHE)
+            self._lib.nft_ctx_get_output_buffer(self._ctx)
+            self._lib.nft_ctx_get_error_buffer(self._ctx)  # empties the parse error's buffer
 
     def close(self) -> None:
         if self._ctx:
-            self._lib.nft_ctx_free(self._ctx)
+            with _LIBRARY_LOCK:
+                self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
 
 
