@@ -1,8 +1,9 @@
 """masqd's table layout as an `nft -f` script, and a shape to compare tables by.
 
-The layout is the daemon's (masqd/ruleset.py): sources and `exempt` sets (destinations never
-masqueraded, empty by default), and one hash set `local4_<plen>`/`local6_<plen>` of (address .
-network address) per prefix length in use, each with its rule masking the destination to
+The layout is the daemon's (masqd/planning/ruleset.py): sources and `exempt` sets
+(destinations never masqueraded, empty by default), and one hash set
+`local4_<plen>`/`local6_<plen>` of (address . network address) per prefix length in use,
+each with its rule masking the destination to
 that length, longest prefix first, rules in the daemon's order. The connection-rate
 benchmark measures the table the daemon itself wrote when the daemon is there, and this
 script when it is not; `shape()` reduces an `nft --json list table` dump to what decides

@@ -42,7 +42,7 @@ def _batch(verb: str, i: int) -> dict[str, Any]:
 
 def measure(repeat: int, first: int) -> dict[str, list[float]]:
     """Inside the namespace: seconds per add+delete pair, by runner."""
-    from masqd.nft import LibNftables, NftCli
+    from masqd.kernel.nft import LibNftables, NftCli
 
     runners = {"libnftables": LibNftables(), "nft binary": NftCli()}
     times: dict[str, list[float]] = {name: [] for name in runners}

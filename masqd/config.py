@@ -53,7 +53,7 @@ from masqd.defaults import (
     ENV_CONFIG,
     ENV_PREFIX,
 )
-from masqd.ruleset import Policy
+from masqd.planning.ruleset import Policy
 from masqd.watch import Digest, file_digest
 
 MAX_EXEMPT_DESTINATIONS = 100_000

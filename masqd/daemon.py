@@ -45,9 +45,10 @@ from typing import Any
 
 from aiohttp import web
 
-from masqd import __version__, adopt, fdlimit, logrepeat, paths, plan, spool
+from masqd import __version__, fdlimit, logrepeat, paths
 from masqd.activation import listen_fds, unix_listener
-from masqd.api import AccessPolicy, ApiContext, build_app
+from masqd.api.handlers import AccessPolicy, ApiContext, build_app
+from masqd.api.server import LimitedSockSite
 from masqd.config import (
     ConfigError,
     ConfigLoader,
@@ -56,19 +57,20 @@ from masqd.config import (
     restart_needed,
     unknown_environment,
 )
-from masqd.events import EventWatcher
-from masqd.journal import Entry, Journal, Loaded
-from masqd.memory import release_heap, tune_allocator
+from masqd.kernel.events import EventWatcher
+from masqd.kernel.memory import release_heap, tune_allocator
+from masqd.kernel.nft import Backend, KernelBackend, NftError
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentRef
-from masqd.nft import Backend, KernelBackend, NftError
-from masqd.reconciler import Reconciler, SyncUnavailable
-from masqd.ruleset import Policy
+from masqd.planning import adopt, plan
+from masqd.planning.ruleset import Policy
+from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
 from masqd.sdnotify import Notifier, watchdog_loop
-from masqd.server import LimitedSockSite
-from masqd.state import CapacityExceeded, DesiredState
-from masqd.statedir import StateDirLock
+from masqd.state import spool
+from masqd.state.desired import CapacityExceeded, DesiredState
+from masqd.state.journal import Entry, Journal, Loaded
+from masqd.state.statedir import StateDirLock
 from masqd.watch import ConfigWatcher
 
 log = logging.getLogger(__name__)

@@ -184,7 +184,7 @@ async def serve_metrics(
     `max_connections` at once (beyond, one 503 and close), `client_timeout` to send a
     request, to read the answer, and idle on a kept-alive connection."""
     # Here, not at the top: server imports api, which imports this module.
-    from masqd.server import LimitedSockSite
+    from masqd.api.server import LimitedSockSite
 
     host, _, port = listen.rpartition(":")
     app = web.Application(

@@ -41,11 +41,11 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from masqd import ruleset
+from masqd.kernel.nft import NftError
 from masqd.models import AttachmentKey, AttachmentSpec, comment_problem
-from masqd.nft import NftError
-from masqd.reconciler import Reconciler, SyncUnavailable
-from masqd.state import CapacityExceeded, DesiredState
+from masqd.planning import ruleset
+from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
+from masqd.state.desired import CapacityExceeded, DesiredState
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from masqd.nft_fake import FakeBackend
+from masqd.kernel.fake import FakeBackend
 from tests.daemon import MasqdProcess, running_masqd
 from tests.netns import netns
 

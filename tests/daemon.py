@@ -27,9 +27,9 @@ from typing import Any
 
 import aiohttp
 
-from masqd import ruleset
 from masqd.cli import UnixHTTPConnection
-from masqd.ruleset import TableState
+from masqd.planning import ruleset
+from masqd.planning.ruleset import TableState
 from tests.netns import netns, nft
 
 REPO = Path(__file__).resolve().parent.parent

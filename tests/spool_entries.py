@@ -1,7 +1,7 @@
 """Write DEL spool entries as docs/cni.md specifies them, for tests of the daemon's reading side.
 
 masqd-cni (Go, cni/spool.go) is the real writer; tests/test_cni.py checks that what it
-writes is what `masqd.spool` reads. Daemon-side tests use this to put entries in place
+writes is what `masqd.state.spool` reads. Daemon-side tests use this to put entries in place
 without running the plugin, and test_cni uses it to check the other direction: an entry
 written by the format alone is one the plugin finds by its key.
 """
@@ -12,7 +12,7 @@ import json
 import os
 import time
 
-from masqd import spool
+from masqd.state import spool
 
 
 def write_entry(

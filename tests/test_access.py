@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from masqd import spool
+from masqd.state import spool
 from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, masqctl, masqueraded
 

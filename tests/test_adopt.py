@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masqd import plan
-from masqd.adopt import adopt
-from masqd.plan import AttachmentRecord
-from masqd.ruleset import SOURCES4, SOURCES6, Element, Policy, TableState
+from masqd.planning import plan
+from masqd.planning.adopt import adopt
+from masqd.planning.plan import AttachmentRecord
+from masqd.planning.ruleset import SOURCES4, SOURCES6, Element, Policy, TableState
 from tests.conftest import DaemonFactory
 from tests.daemon import kernel_table, nft_listing
 from tests.netns import nft

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from masqd.api import ApiContext, build_app
+from masqd.api.handlers import ApiContext, build_app
+from masqd.kernel.fake import FakeBackend
 from masqd.metrics import Metrics
-from masqd.nft_fake import FakeBackend
-from masqd.reconciler import Reconciler
-from masqd.ruleset import SOURCES4, SOURCES6, Policy, local_set
-from masqd.state import DesiredState
+from masqd.planning.ruleset import SOURCES4, SOURCES6, Policy, local_set
+from masqd.reconcile.reconciler import Reconciler
+from masqd.state.desired import DesiredState
 from tests.daemon import (
     AsyncClient,
     Client,

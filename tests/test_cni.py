@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from masqd import spool
+from masqd.state import spool
 from tests.daemon import MasqdProcess, masqueraded
 from tests.netns import (
     Endpoint,

@@ -17,7 +17,7 @@ from masqd.config import (
     restart_needed,
     unknown_environment,
 )
-from masqd.ruleset import Policy
+from masqd.planning.ruleset import Policy
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from masqd import ruleset
+from masqd.planning import ruleset
 from masqd.watch import ConfigWatcher, file_digest
 from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, kernel_table

@@ -37,14 +37,14 @@ from typing import Any
 
 import pytest
 
-from masqd.events import EventWatcher
-from masqd.journal import END, _end_line
+from masqd.kernel.events import EventWatcher
+from masqd.kernel.fake import FakeBackend, dump_table
+from masqd.kernel.nft import KernelBackend
 from masqd.metrics import Metrics
-from masqd.nft import KernelBackend
-from masqd.nft_fake import FakeBackend, dump_table
-from masqd.reconciler import Reconciler
-from masqd.ruleset import EXEMPT4, SOURCES4, Policy
-from masqd.state import DesiredState
+from masqd.planning.ruleset import EXEMPT4, SOURCES4, Policy
+from masqd.reconcile.reconciler import Reconciler
+from masqd.state.desired import DesiredState
+from masqd.state.journal import END, _end_line
 from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, kernel_table
 from tests.netns import netns, nft
@@ -506,7 +506,7 @@ def _drop_last_marker(daemon: MasqdProcess) -> None:
     lines = journal.read_bytes().splitlines(keepends=True)
     assert b'"synced"' in lines[-1] and b'"put"' in lines[-2]
     journal.write_bytes(b"".join(lines[:-1]))
-    # The put was the last record written: the end file named it then (see masqd.journal).
+    # The put was the last record written: the end file named it then (see masqd.state.journal).
     put_seq = re.search(rb'"n": ?(\d+)', lines[-2])
     assert put_seq is not None
     (journal.parent / END).write_bytes(_end_line(int(put_seq.group(1))))

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from masqd.events import NFPROTO_INET, BatchParser, EventWatcher
+from masqd.kernel.events import NFPROTO_INET, BatchParser, EventWatcher
+from masqd.kernel.nft import KernelBackend, Observation
 from masqd.metrics import Metrics
-from masqd.nft import KernelBackend, Observation
-from masqd.reconciler import Reconciler
-from masqd.ruleset import SOURCES4, Policy
-from masqd.state import DesiredState
+from masqd.planning.ruleset import SOURCES4, Policy
+from masqd.reconcile.reconciler import Reconciler
+from masqd.state.desired import DesiredState
 from tests.netns import netns, nft
 
 TABLE = "masqd"

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from masqd.gcbody import MAX_PENDING, BodyError, GcBodyParser
+from masqd.api.gcbody import MAX_PENDING, BodyError, GcBodyParser
 from masqd.models import GcRequest, ValidAttachment
 
 

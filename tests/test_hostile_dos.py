@@ -280,8 +280,8 @@ def test_under_a_tight_descriptor_limit_the_caps_shrink_and_the_kernel_path_keep
 
 _CACHE_PROGRAM = """
 import json, os, subprocess, sys
-from masqd.nft import LibNftables
-from masqd.memory import release_heap, tune_allocator
+from masqd.kernel.nft import LibNftables
+from masqd.kernel.memory import release_heap, tune_allocator
 
 def rss():
     for line in open('/proc/self/status'):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from masqd import ruleset
+from masqd.planning import ruleset
 from tests.daemon import Client, kernel_table
 from tests.netns import netns
 from tests.podman import REPO, Podman, inputs_digest, root_network_snapshot

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from masqd import journal as journal_module
-from masqd.journal import FORMAT_VERSION, Entry, Journal, _line
-from masqd.state import DesiredState
+from masqd.state import journal as journal_module
+from masqd.state.desired import DesiredState
+from masqd.state.journal import FORMAT_VERSION, Entry, Journal, _line
 
 A = ("net1", "a", "eth0")
 B = ("net1", "b", "eth0")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from masqd.journal import JOURNAL
-from masqd.ruleset import SOURCES4
+from masqd.planning.ruleset import SOURCES4
+from masqd.state.journal import JOURNAL
 from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, kernel_table, running_masqd
 

@@ -16,7 +16,7 @@ def rss():
         if line.startswith('VmRSS'):
             return int(line.split()[1]) // 1024
 if sys.argv[1] == 'tuned':
-    from masqd.memory import tune_allocator
+    from masqd.kernel.memory import tune_allocator
     tune_allocator()
 big = b'x' * (16 << 20)
 del big

@@ -41,14 +41,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from masqd import __version__, ruleset
-from masqd.api import ATTACHMENT
+from masqd import __version__
+from masqd.api.handlers import ATTACHMENT
+from masqd.kernel.fake import FakeBackend
+from masqd.kernel.nft import GenerationReader, enter_netns
 from masqd.metrics import SYNC_BUCKETS, Metrics
-from masqd.nft import GenerationReader, enter_netns
-from masqd.nft_fake import FakeBackend
-from masqd.reconciler import Reconciler
-from masqd.ruleset import Policy
-from masqd.state import DesiredState
+from masqd.planning import ruleset
+from masqd.planning.ruleset import Policy
+from masqd.reconcile.reconciler import Reconciler
+from masqd.state.desired import DesiredState
 from tests.conftest import DaemonFactory
 from tests.daemon import REPO, MasqdProcess, kernel_table
 from tests.flood import Flood

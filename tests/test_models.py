@@ -29,7 +29,7 @@ from masqd.models import (
     parse_ip,
     validation_details,
 )
-from masqd.ruleset import owner_comment, parse_owner_comment
+from masqd.planning.ruleset import owner_comment, parse_owner_comment
 
 
 def key(network: str = "net1", container_id: str = "c1", ifname: str = "eth0") -> AttachmentKey:

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from masqd import nft as nft_module
-from masqd import plan, ruleset
-from masqd.nft import Backend, KernelBackend, NftError
-from masqd.nft_fake import FakeBackend, dump_table
-from masqd.plan import Transaction
-from masqd.ruleset import SOURCES4, SOURCES6, Element, Policy, TableState
-from masqd.state import DesiredState
+from masqd.kernel import nft as nft_module
+from masqd.kernel.fake import FakeBackend, dump_table
+from masqd.kernel.nft import Backend, KernelBackend, NftError
+from masqd.planning import plan, ruleset
+from masqd.planning.plan import Transaction
+from masqd.planning.ruleset import SOURCES4, SOURCES6, Element, Policy, TableState
+from masqd.state.desired import DesiredState
 from tests.daemon import kernel_table, nft_listing
 from tests.netns import netns, nft
 
@@ -655,7 +655,7 @@ def test_the_element_comment_limit_is_what_masqd_assumes(ns: str, char: str) -> 
 # set. Without the library lock this aborted the process in about half the runs.
 _PARALLEL_LISTINGS = """
 import subprocess, sys, threading
-from masqd.nft import LibNftables
+from masqd.kernel.nft import LibNftables
 elements = ", ".join(f"198.18.{i >> 8}.{i & 255}" for i in range(2000))
 subprocess.run(["nft", "-f", "-"], check=True, input=(
     "add table inet masqd\\nadd set inet masqd s { type ipv4_addr; }\\n"

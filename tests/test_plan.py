@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from masqd import plan, ruleset
+from masqd.kernel.fake import FakeBackend
 from masqd.models import AttachmentKeyT
-from masqd.nft_fake import FakeBackend
-from masqd.plan import AttachmentRecord, Transaction
-from masqd.ruleset import (
+from masqd.planning import plan, ruleset
+from masqd.planning.plan import AttachmentRecord, Transaction
+from masqd.planning.ruleset import (
     EXEMPT4,
     SOURCES4,
     SOURCES6,

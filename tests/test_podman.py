@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from masqd import spool
+from masqd.state import spool
 from tests.daemon import MasqdProcess, masqueraded, running_masqd
 from tests.netns import Endpoint, enable_forwarding, netns, ns_run, start_echo_server, veth
 from tests.podman import (

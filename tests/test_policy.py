@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from masqd import ruleset
+from masqd.kernel.fake import FakeBackend
 from masqd.metrics import Metrics
-from masqd.nft_fake import FakeBackend
-from masqd.reconciler import Reconciler
-from masqd.ruleset import Policy
-from masqd.state import DesiredState
+from masqd.planning import ruleset
+from masqd.planning.ruleset import Policy
+from masqd.reconcile.reconciler import Reconciler
+from masqd.state.desired import DesiredState
 from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, kernel_table, masqctl
 from tests.netns import Topology, nft, ns_run, probe, topology

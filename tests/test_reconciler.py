@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from masqd import plan
-from masqd.journal import Journal
+from masqd.kernel.fake import FakeBackend, dump_table
+from masqd.kernel.nft import Applied, NftError
 from masqd.metrics import Metrics
-from masqd.nft import Applied, NftError
-from masqd.nft_fake import FakeBackend, dump_table
-from masqd.plan import Transaction
-from masqd.reconciler import Reconciler, SyncUnavailable
-from masqd.ruleset import SOURCES4, SOURCES6, Policy
-from masqd.state import DesiredState
+from masqd.planning import plan
+from masqd.planning.plan import Transaction
+from masqd.planning.ruleset import SOURCES4, SOURCES6, Policy
+from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
+from masqd.state.desired import DesiredState
+from masqd.state.journal import Journal
 
 TABLE = "masqd"
 POLICY = Policy()

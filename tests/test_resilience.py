@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from masqd.ruleset import SOURCES4, SOURCES6, local_set
+from masqd.planning.ruleset import SOURCES4, SOURCES6, local_set
 from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, kernel_table, nft_listing
 from tests.netns import probe, topology

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from masqd import spool
+from masqd.state import spool
 from tests.spool_entries import write_entry
 
 

@@ -15,11 +15,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from masqd import plan, ruleset
-from masqd.journal import Journal
 from masqd.models import AttachmentKeyT, parse_ip
-from masqd.ruleset import SOURCES4, Element, Policy
-from masqd.state import CapacityExceeded, DesiredState
+from masqd.planning import plan, ruleset
+from masqd.planning.ruleset import SOURCES4, Element, Policy
+from masqd.state.desired import CapacityExceeded, DesiredState
+from masqd.state.journal import Journal
 
 A = ("net1", "a", "eth0")
 B = ("net1", "b", "eth0")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from masqd.statedir import LOCK_FILE, StateDirBusy, StateDirLock
+from masqd.state.statedir import LOCK_FILE, StateDirBusy, StateDirLock
 from tests.conftest import DaemonFactory
 
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from masqd import ruleset
-from masqd.nft import KernelBackend, NftError
-from masqd.ruleset import CHAIN, FIXED_SETS
+from masqd.kernel.nft import KernelBackend, NftError
+from masqd.planning import ruleset
+from masqd.planning.ruleset import CHAIN, FIXED_SETS
 from tests.conftest import DaemonFactory
 from tests.test_resilience import without_handles
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from masqd.models import AttachmentKeyT, AttachmentRef, AttachmentSpec, parse_ip
-from masqd.ruleset import (
+from masqd.planning.ruleset import (
     SOURCES4,
     SOURCES6,
     Element,

@@ -42,12 +42,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from masqd import plan, ruleset
-from masqd.journal import Journal, JournalError
+from masqd.kernel.nft import Applied, Backend, NftError
 from masqd.metrics import Metrics
-from masqd.nft import Applied, Backend, NftError
-from masqd.ruleset import Policy, TableState
-from masqd.state import DesiredState
+from masqd.planning import plan, ruleset
+from masqd.planning.ruleset import Policy, TableState
+from masqd.state.desired import DesiredState
+from masqd.state.journal import Journal, JournalError
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from masqd import ruleset
 from masqd.models import AttachmentKeyT
-from masqd.ruleset import (
+from masqd.planning import ruleset
+from masqd.planning.ruleset import (
     EXEMPT4,
     EXEMPT6,
     Element,

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from masqd.api import error
+from masqd.api.handlers import error
 from masqd.fdlimit import LINGERING, Guard
 from masqd.models import ErrorBody
 

@@ -23,11 +23,11 @@ import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
-from masqd import plan
-from masqd.journal import Entry, Journal
 from masqd.models import AttachmentKeyT, key_problem
-from masqd.plan import AttachmentRecord
-from masqd.ruleset import SOURCE_SETS, Element, Policy, local_family, sources_set
+from masqd.planning import plan
+from masqd.planning.plan import AttachmentRecord
+from masqd.planning.ruleset import SOURCE_SETS, Element, Policy, local_family, sources_set
+from masqd.state.journal import Entry, Journal
 
 log = logging.getLogger(__name__)
 

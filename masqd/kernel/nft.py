@@ -37,10 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from masqd import events, ruleset
-from masqd.memory import release_heap
-from masqd.plan import Transaction
-from masqd.ruleset import TableState
+from masqd.kernel import events
+from masqd.kernel.memory import release_heap
+from masqd.planning import ruleset
+from masqd.planning.plan import Transaction
+from masqd.planning.ruleset import TableState
 
 log = logging.getLogger(__name__)
 

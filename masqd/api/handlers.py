@@ -42,8 +42,10 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from masqd import __version__, listing
-from masqd.gcbody import BodyError, GcBodyParser
+from masqd import __version__
+from masqd.api import listing
+from masqd.api.gcbody import BodyError, GcBodyParser
+from masqd.kernel.nft import NftError
 from masqd.metrics import Metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import (
@@ -57,11 +59,10 @@ from masqd.models import (
     comment_problem,
     validation_details,
 )
-from masqd.nft import NftError
-from masqd.plan import AttachmentRecord
-from masqd.reconciler import Reconciler, SyncUnavailable
+from masqd.planning.plan import AttachmentRecord
+from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
 from masqd.slots import Slots
-from masqd.state import CapacityExceeded, DesiredState
+from masqd.state.desired import CapacityExceeded, DesiredState
 
 log = logging.getLogger(__name__)
 

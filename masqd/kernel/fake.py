@@ -38,10 +38,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from masqd import ruleset
-from masqd.nft import Applied, NftError, Observation, Stage
-from masqd.plan import Transaction
-from masqd.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
+from masqd.kernel.nft import Applied, NftError, Observation, Stage
+from masqd.planning import ruleset
+from masqd.planning.plan import Transaction
+from masqd.planning.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
 
 ENOENT = "Error: Could not process rule: No such file or directory"
 EEXIST = "Error: Could not process rule: File exists"
