@@ -6,7 +6,7 @@ Start-up, in order:
    connection caps under the descriptor limit (`fdlimit`);
 2. load the journal into the desired state (problems are reported, never fatal); unless the
    journal proves it is complete (see `journal`), while the table is in the kernel, adopt
-   the attachments the table's element comments name and the journal does not (`adopt`)
+   the attachments the table's element comments name and the journal does not (`planning.recovery`)
    rather than wipe what it holds;
 3. apply DELs that the CNI plugin spooled while the daemon was away;
 4. open the metrics port and the API socket (the one systemd passed, or our own), so
@@ -63,7 +63,8 @@ from masqd.kernel.nft import Backend, KernelBackend, NftError
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentRef
-from masqd.planning import adopt, plan
+from masqd.planning import recovery
+from masqd.planning.desired import policy_fingerprint
 from masqd.planning.ruleset import Policy
 from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
 from masqd.sdnotify import Notifier, watchdog_loop
@@ -150,7 +151,7 @@ class Daemon:
             "" if loaded.found else " (no journal found: starting empty)",
         )
 
-    async def adopt_kernel_table(self) -> None:
+    async def recover_from_table(self) -> None:
         """Take over the attachments that the kernel's table names and the journal does not
         (see `adopt`). Journalled like any setup, so the next start finds them there."""
         try:
@@ -167,7 +168,7 @@ class Daemon:
                     self.config.table,
                 )
             return
-        found = adopt.adopt(observation.table)
+        found = recovery.recover(observation.table)
         unreadable = list(found.unreadable)
         taken = 0
         # The journal speaks for every key it names, deleted ones included: the last record
@@ -222,7 +223,7 @@ class Daemon:
     def _seed_from_marker(self, marker: Entry) -> None:
         """Everything replayed so far was in the kernel at the marker's generation: hand that
         picture to the reconciler, which trusts it only if the generation has not moved."""
-        if marker.fingerprint != plan.policy_fingerprint(self.reconciler.policy):
+        if marker.fingerprint != policy_fingerprint(self.reconciler.policy):
             return  # the policy changed since: the kernel's structure differs, list it
         assert marker.generation is not None
         elements = {name: dict(elems) for name, elems in self.state.elements.items()}
@@ -341,7 +342,7 @@ class Daemon:
             gc.freeze()
             release_heap()
         if self.journal_incomplete is not None:
-            await self.adopt_kernel_table()
+            await self.recover_from_table()
         self.state.replayed_deletes = set()
         self.prepare_spool_dir()
         spooled = self.apply_spool()

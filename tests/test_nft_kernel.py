@@ -22,9 +22,9 @@ import pytest
 from masqd.kernel import nft as nft_module
 from masqd.kernel.fake import FakeBackend, dump_table
 from masqd.kernel.nft import Backend, KernelBackend, NftError
-from masqd.planning import plan, ruleset
-from masqd.planning.plan import Transaction
+from masqd.planning import planner, ruleset
 from masqd.planning.ruleset import SOURCES4, SOURCES6, Element, Policy, TableState
+from masqd.planning.transaction import Transaction
 from masqd.state.desired import DesiredState
 from tests.daemon import kernel_table, nft_listing
 from tests.netns import netns, nft
@@ -116,7 +116,7 @@ def two_attachments() -> DesiredState:
 async def sync(h: Harness, state: DesiredState, policy: Policy = POLICY) -> Transaction:
     """A full sync: observe, plan, apply; returns the transaction."""
     observed = (await h.backend.observe()).table
-    tx = plan.plan(desired(state, policy), observed, table=TABLE, policy=policy)
+    tx = planner.plan(desired(state, policy), observed, table=TABLE, policy=policy)
     if not tx.empty:
         await h.backend.apply(tx)
     return tx
@@ -125,11 +125,11 @@ async def sync(h: Harness, state: DesiredState, policy: Policy = POLICY) -> Tran
 async def partial(h: Harness, state: DesiredState, mirror: TableState) -> Transaction:
     """A partial sync against `mirror` (updated in place), as the reconciler does it."""
     want = desired(state)
-    tx = plan.plan(want, mirror, table=TABLE, policy=POLICY, touched=state.take_dirty())
+    tx = planner.plan(want, mirror, table=TABLE, policy=POLICY, touched=state.take_dirty())
     if not tx.empty:
         await h.backend.apply(tx)
         assert want.structure is not None
-        plan.apply_in_place(tx, mirror, desired_structure=want.structure)
+        planner.simulate_in_place(tx, mirror, desired_structure=want.structure)
     return tx
 
 
@@ -153,7 +153,7 @@ async def test_fresh_namespace_has_no_table_and_a_full_sync_creates_it(harness: 
     assert harness.dump() == dump_table(desired(state))
     after = await harness.backend.observe()
     assert after.generation == first.generation + 1
-    assert plan.plan(desired(state), after.table, table=TABLE, policy=POLICY).empty
+    assert planner.plan(desired(state), after.table, table=TABLE, policy=POLICY).empty
 
 
 async def test_setup_adds_its_elements_and_teardown_removes_them(harness: Harness) -> None:
@@ -623,7 +623,7 @@ async def test_a_big_transaction_goes_in_batches_that_make_the_whole_table(
     for n in range(2, 12):
         state.put(("net", f"c{n}", "eth0"), [f"198.18.7.{n}/24", f"2001:db8:7::{n}/64"])
     before = await kernel.backend.generation()
-    tx = plan.plan(desired(state), TableState(None), table=TABLE, policy=POLICY)
+    tx = planner.plan(desired(state), TableState(None), table=TABLE, policy=POLICY)
     assert tx.recreate and tx.element_changes == 40
     applied = await kernel.backend.apply(tx)
     assert applied.commits == 6  # ceil(40 / 7) batches

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from masqd.kernel.fake import FakeBackend
 from masqd.models import AttachmentKeyT
-from masqd.planning import plan, ruleset
-from masqd.planning.plan import AttachmentRecord, Transaction
+from masqd.planning import planner, ruleset
+from masqd.planning.desired import desired_table
+from masqd.planning.records import AttachmentRecord, address_subnet
 from masqd.planning.ruleset import (
     EXEMPT4,
     SOURCES4,
@@ -28,6 +29,7 @@ from masqd.planning.ruleset import (
     Structure,
     TableState,
 )
+from masqd.planning.transaction import Transaction
 
 TABLE = "masqd"
 L4_24 = ruleset.local_set(4, 24)
@@ -58,7 +60,7 @@ def ip_lists(draw: st.DrawFn) -> tuple[tuple[str, str], ...]:
     ips = draw(st.lists(st.one_of(ipv4, ipv6), min_size=1, max_size=4))
     pairs: dict[str, str] = {}
     for ip in ips:
-        address, subnet = plan.address_subnet(ip)
+        address, subnet = address_subnet(ip)
         pairs.setdefault(address, subnet)  # an attachment lists an address once
     return tuple(pairs.items())
 
@@ -175,7 +177,7 @@ def damaged(draw: st.DrawFn, table: TableState) -> TableState:
 
 @st.composite
 def observed_tables(draw: st.DrawFn) -> TableState:
-    other = plan.desired_table(draw(attachment_maps()), draw(policies))
+    other = desired_table(draw(attachment_maps()), draw(policies))
     return draw(damaged(other))
 
 
@@ -208,7 +210,7 @@ def as_sets(groups: Mapping[str, tuple[Element, ...]]) -> dict[str, frozenset[El
 
 
 def test_desired_table_for_a_dual_stack_attachment() -> None:
-    table = plan.desired_table(
+    table = desired_table(
         {
             ("net1", "c1", "eth0"): AttachmentRecord(
                 (("198.18.1.2", "198.18.1.0/24"), ("2001:db8:1::2", "2001:db8:1::/64")), 1
@@ -229,10 +231,10 @@ def test_a_shared_address_follows_its_most_recent_owner() -> None:
     a, b = ("net1", "a", "eth0"), ("net1", "b", "eth0")
     older = AttachmentRecord((("198.18.1.3", "198.18.1.0/24"),), 1)
     newer = AttachmentRecord((("198.18.1.3", "198.18.0.0/16"),), 2)
-    table = plan.desired_table({b: newer, a: older}, Policy())
+    table = desired_table({b: newer, a: older}, Policy())
     assert table.sets[L4_16]["198.18.1.3"] == Element("198.18.1.3", "198.18.0.0/16", "net1/b/eth0")
     assert L4_24 not in table.sets  # one local element per address, so no /24 set
-    alone = plan.desired_table({a: older}, Policy())
+    alone = desired_table({a: older}, Policy())
     assert alone.sets[L4_24]["198.18.1.3"].subnet == "198.18.1.0/24"
     assert L4_16 not in alone.sets
 
@@ -263,7 +265,7 @@ def test_local_set_names_are_recognised_exactly() -> None:
 
 def test_exempt_cidrs_are_collapsed_since_the_interval_set_refuses_overlaps() -> None:
     policy = Policy(exempt4=("198.19.0.0/16", "198.19.1.0/24", "198.20.0.0/16", "198.21.0.0/16"))
-    table = plan.desired_table({}, policy)
+    table = desired_table({}, policy)
     assert set(table.sets[EXEMPT4]) == {"198.19.0.0/16", "198.20.0.0/15"}
 
 
@@ -281,7 +283,7 @@ def test_long_owner_comments_are_cut_and_marked() -> None:
 def test_the_ipv4_fast_path_agrees_with_ipaddress(value: int, prefix: int) -> None:
     ip = f"{ipaddress.IPv4Address(value)}/{prefix}"
     iface = ipaddress.ip_interface(ip)
-    assert plan.address_subnet(ip) == (str(iface.ip), str(iface.network))
+    assert address_subnet(ip) == (str(iface.ip), str(iface.network))
 
 
 # ---- properties of plan -----------------------------------------------------------------
@@ -292,11 +294,11 @@ def test_the_ipv4_fast_path_agrees_with_ipaddress(value: int, prefix: int) -> No
 def test_plan_of_a_table_against_itself_is_empty(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy
 ) -> None:
-    desired = plan.desired_table(attachments, policy)
-    tx = plan.plan(desired, desired.copy(), table=TABLE, policy=policy)
+    desired = desired_table(attachments, policy)
+    tx = planner.plan(desired, desired.copy(), table=TABLE, policy=policy)
     assert tx.empty
     assert tx.to_json() == {"nftables": []}
-    assert plan.plan(desired, desired, table=TABLE, policy=policy, touched=set()).empty
+    assert planner.plan(desired, desired, table=TABLE, policy=policy, touched=set()).empty
 
 
 @settings(max_examples=120, deadline=None)
@@ -304,7 +306,7 @@ def test_plan_of_a_table_against_itself_is_empty(
 def test_the_encoded_batch_is_the_json_batch(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy, observed: TableState
 ) -> None:
-    tx = plan.plan(plan.desired_table(attachments, policy), observed, table=TABLE, policy=policy)
+    tx = planner.plan(desired_table(attachments, policy), observed, table=TABLE, policy=policy)
     assert json.loads(tx.encode()) == tx.to_json()
 
 
@@ -318,11 +320,9 @@ def test_batches_applied_in_order_make_the_same_table_as_one_transaction(
 ) -> None:
     whole, batched = FakeBackend(table=TABLE), FakeBackend(table=TABLE)
     for fake in (whole, batched):  # the same starting table: none, then `first`'s
-        start = plan.plan(
-            plan.desired_table(first, policy), fake.state(), table=TABLE, policy=policy
-        )
+        start = planner.plan(desired_table(first, policy), fake.state(), table=TABLE, policy=policy)
         fake.run_json(start.to_json())
-    tx = plan.plan(plan.desired_table(second, policy), whole.state(), table=TABLE, policy=policy)
+    tx = planner.plan(desired_table(second, policy), whole.state(), table=TABLE, policy=policy)
     whole.run_json(json.loads(tx.encode()))
     for batch in tx.batches(size):
         commands = json.loads(batch)["nftables"]
@@ -332,12 +332,12 @@ def test_batches_applied_in_order_make_the_same_table_as_one_transaction(
         assert sum(map(len, elements)) <= size
         batched.run_json({"nftables": commands})
     assert batched.dump() == whole.dump()
-    assert same(whole.state(), plan.desired_table(second, policy))
+    assert same(whole.state(), desired_table(second, policy))
 
 
 def test_encoded_comments_are_escaped() -> None:
     comment = 'n/c/\u00e9t"h\\0' + ruleset.TRUNCATED_MARK
-    tx = plan.Transaction(
+    tx = Transaction(
         table=TABLE,
         policy=Policy(),
         add={"local4_24": (Element("198.18.1.2", "198.18.1.0/24", comment),)},
@@ -351,11 +351,11 @@ def test_encoded_comments_are_escaped() -> None:
 def test_applying_the_plan_to_the_observed_table_gives_the_desired_one(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy, observed: TableState
 ) -> None:
-    desired = plan.desired_table(attachments, policy)
-    tx = plan.plan(desired, observed, table=TABLE, policy=policy)
-    result = plan.apply(tx, observed)
+    desired = desired_table(attachments, policy)
+    tx = planner.plan(desired, observed, table=TABLE, policy=policy)
+    result = planner.simulate(tx, observed)
     assert same(result, desired)
-    assert plan.plan(desired, result, table=TABLE, policy=policy).empty
+    assert planner.plan(desired, result, table=TABLE, policy=policy).empty
     # `apply` returns a new value; the observed table is untouched.
     assert result is not observed
 
@@ -365,8 +365,8 @@ def test_applying_the_plan_to_the_observed_table_gives_the_desired_one(
 def test_the_plan_is_minimal(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy, observed: TableState
 ) -> None:
-    desired = plan.desired_table(attachments, policy)
-    tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+    desired = desired_table(attachments, policy)
+    tx = planner.plan(desired, observed, table=TABLE, policy=policy)
     assert desired.structure is not None
 
     def fixed(structure: Structure) -> set[tuple[str, str, tuple[str, ...]]]:
@@ -411,10 +411,10 @@ def test_a_partial_plan_that_covers_every_difference_equals_the_full_plan(
     observed: TableState,
     extra: set[str],
 ) -> None:
-    desired = plan.desired_table(attachments, policy)
-    full = plan.plan(desired, observed, table=TABLE, policy=policy)
+    desired = desired_table(attachments, policy)
+    full = planner.plan(desired, observed, table=TABLE, policy=policy)
     touched = {k for _, k in element_diff(desired, observed)} | extra
-    partial = plan.plan(desired, observed, table=TABLE, policy=policy, touched=touched)
+    partial = planner.plan(desired, observed, table=TABLE, policy=policy, touched=touched)
     assert (partial.recreate, partial.rewrite_rules) == (full.recreate, full.rewrite_rules)
     assert (partial.add_sets, partial.delete_sets) == (full.add_sets, full.delete_sets)
     assert as_sets(partial.add) == as_sets(full.add)
@@ -426,10 +426,10 @@ def test_a_partial_plan_that_covers_every_difference_equals_the_full_plan(
 def test_a_partial_plan_ignores_keys_it_was_not_told_about(
     attachments: dict[AttachmentKeyT, AttachmentRecord], policy: Policy
 ) -> None:
-    desired = plan.desired_table(attachments, policy)
+    desired = desired_table(attachments, policy)
     observed = desired.copy()
     observed.sets[SOURCES4]["198.18.9.9"] = Element("198.18.9.9")  # not touched: left alone
-    tx = plan.plan(desired, observed, table=TABLE, policy=policy, touched=set())
+    tx = planner.plan(desired, observed, table=TABLE, policy=policy, touched=set())
     assert tx.empty
 
 
@@ -445,15 +445,15 @@ def test_a_single_setup_on_a_large_table_is_a_handful_of_element_adds() -> None:
         for n in range(5000)
     }
     policy = Policy()
-    before = plan.desired_table(attachments, policy)
+    before = desired_table(attachments, policy)
     attachments[("net1", "new", "eth0")] = AttachmentRecord(
         (("198.18.99.2", "198.18.99.0/24"), ("2001:db8:99::2", "2001:db8:99::/64")), 99999
     )
-    after = plan.desired_table(attachments, policy)
+    after = desired_table(attachments, policy)
     touched = {"198.18.99.2", "2001:db8:99::2"}
     for tx in (
-        plan.plan(after, before, table=TABLE, policy=policy, touched=touched),
-        plan.plan(after, before, table=TABLE, policy=policy),
+        planner.plan(after, before, table=TABLE, policy=policy, touched=touched),
+        planner.plan(after, before, table=TABLE, policy=policy),
     ):
         assert not tx.recreate and not tx.rewrite_rules and not tx.delete
         assert tx.element_changes == 4
@@ -474,7 +474,7 @@ def test_a_single_setup_on_a_large_table_is_a_handful_of_element_adds() -> None:
 def _table() -> tuple[TableState, Policy]:
     policy = Policy()
     attachments = {("net1", "c1", "eth0"): AttachmentRecord((("198.18.1.2", "198.18.1.0/24"),), 1)}
-    return plan.desired_table(attachments, policy), policy
+    return desired_table(attachments, policy), policy
 
 
 def test_missing_or_foreign_rules_are_rewritten_in_place() -> None:
@@ -483,7 +483,7 @@ def test_missing_or_foreign_rules_are_rewritten_in_place() -> None:
     for rules in ((), desired.structure.rules[:-1], (*desired.structure.rules, FOREIGN_RULE)):
         observed = desired.copy()
         observed.structure = Structure(desired.structure.sets, desired.structure.chains, rules)
-        tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+        tx = planner.plan(desired, observed, table=TABLE, policy=policy)
         assert tx.rewrite_rules and not tx.recreate and tx.element_changes == 0
         commands = tx.to_json()["nftables"]
         assert "flush" in commands[0] and len(commands) == 1 + len(desired.structure.rules)
@@ -493,7 +493,7 @@ def test_damaged_sets_or_chains_replace_the_table_in_one_batch() -> None:
     desired, policy = _table()
     observed = desired.copy()
     observed.structure = None
-    tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+    tx = planner.plan(desired, observed, table=TABLE, policy=policy)
     assert tx.recreate
     commands = tx.to_json()["nftables"]
     # add; delete; add: valid whether or not the table is there, and atomic.
@@ -509,12 +509,12 @@ def test_a_dormant_table_is_woken_by_add_table_first() -> None:
     assert desired.structure is not None
     observed = desired.copy()
     observed.structure = dataclasses.replace(desired.structure, table_flags=("dormant",))
-    tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+    tx = planner.plan(desired, observed, table=TABLE, policy=policy)
     assert tx.clear_table_flags and not tx.recreate and not tx.rewrite_rules
     assert not tx.empty and tx.element_changes == 0
     assert tx.to_json()["nftables"] == [{"add": {"table": {"family": "inet", "name": TABLE}}}]
     assert tx.to_script().startswith(f"add table inet {TABLE}")
-    assert same(plan.apply(tx, observed), desired)
+    assert same(planner.simulate(tx, observed), desired)
 
 
 def test_a_chain_with_another_hook_priority_type_or_policy_replaces_the_table() -> None:
@@ -529,7 +529,7 @@ def test_a_chain_with_another_hook_priority_type_or_policy_replaces_the_table() 
     ):
         observed = desired.copy()
         observed.structure = dataclasses.replace(desired.structure, chains=frozenset({changed}))
-        tx = plan.plan(desired, observed, table=TABLE, policy=policy)
+        tx = planner.plan(desired, observed, table=TABLE, policy=policy)
         assert tx.recreate, chain
 
 
@@ -537,7 +537,7 @@ def test_deletes_go_before_adds_and_carry_no_comment() -> None:
     desired, policy = _table()
     observed = desired.copy()
     observed.sets[L4_24]["198.18.1.2"] = Element("198.18.1.2", "198.18.0.0/24", "old/owner/eth0")
-    tx = plan.plan(desired, observed, table=TABLE, policy=policy, touched={"198.18.1.2"})
+    tx = planner.plan(desired, observed, table=TABLE, policy=policy, touched={"198.18.1.2"})
     commands = tx.to_json()["nftables"]
     assert [next(iter(c)) for c in commands] == ["delete", "create"]
     assert commands[0]["delete"]["element"]["elem"] == [{"concat": ["198.18.1.2", "198.18.0.0"]}]
@@ -554,24 +554,24 @@ def test_a_new_prefix_length_adds_its_set_and_rule_and_an_unused_one_goes() -> N
     a, b = ("net1", "a", "eth0"), ("net1", "b", "eth0")
     one = {a: AttachmentRecord((("198.18.1.2", "198.18.1.0/24"),), 1)}
     two = {**one, b: AttachmentRecord((("198.18.2.2", "198.18.0.0/16"),), 2)}
-    before, after = plan.desired_table(one, policy), plan.desired_table(two, policy)
-    tx = plan.plan(after, before, table=TABLE, policy=policy, touched={"198.18.2.2"})
+    before, after = desired_table(one, policy), desired_table(two, policy)
+    tx = planner.plan(after, before, table=TABLE, policy=policy, touched={"198.18.2.2"})
     assert tx.add_sets == (L4_16,) and tx.rewrite_rules and not tx.recreate
     verbs = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in tx.to_json()["nftables"]]
     # New set first, then the rules that refer to it, then its elements.
     assert verbs[0] == ("add", "set") and verbs[1] == ("flush", "chain")
     assert verbs[-2:] == [("create", "element"), ("create", "element")]
     assert "add set inet masqd local4_16 { type ipv4_addr . ipv4_addr; }" in tx.to_script()
-    assert same(plan.apply(tx, before), after)
+    assert same(planner.simulate(tx, before), after)
     # Its last holder gone: the rules are rewritten without it, then the set is deleted.
-    back = plan.plan(before, after, table=TABLE, policy=policy, touched={"198.18.2.2"})
+    back = planner.plan(before, after, table=TABLE, policy=policy, touched={"198.18.2.2"})
     assert back.delete_sets == (L4_16,) and back.rewrite_rules
     commands = back.to_json()["nftables"]
     chain = {"family": "inet", "table": TABLE, "name": "postrouting"}
     assert commands[0] == {"flush": {"chain": chain}}
     assert commands[-1] == {"delete": {"set": {"family": "inet", "table": TABLE, "name": L4_16}}}
     assert all(c.get("delete", {}).get("element", {}).get("name") != L4_16 for c in commands)
-    assert same(plan.apply(back, after), before)
+    assert same(planner.simulate(back, after), before)
 
 
 def test_a_shared_address_moves_between_local_sets_in_one_transaction() -> None:
@@ -579,13 +579,13 @@ def test_a_shared_address_moves_between_local_sets_in_one_transaction() -> None:
     a, b = ("net1", "a", "eth0"), ("net1", "b", "eth0")
     older = {a: AttachmentRecord((("198.18.1.3", "198.18.1.0/24"),), 1)}
     both = {**older, b: AttachmentRecord((("198.18.1.3", "198.18.0.0/16"),), 2)}
-    before, after = plan.desired_table(older, policy), plan.desired_table(both, policy)
-    tx = plan.plan(after, before, table=TABLE, policy=policy, touched={"198.18.1.3"})
+    before, after = desired_table(older, policy), desired_table(both, policy)
+    tx = planner.plan(after, before, table=TABLE, policy=policy, touched={"198.18.1.3"})
     assert tx.add_sets == (L4_16,) and tx.delete_sets == (L4_24,)
     assert set(tx.add) == {SOURCES4, L4_16}
     # Only the sources element's comment (its new owner); the /24 element goes with its set.
     assert set(tx.delete) == {SOURCES4}
-    assert same(plan.apply(tx, before), after)
+    assert same(planner.simulate(tx, before), after)
 
 
 def test_transaction_is_a_value() -> None:

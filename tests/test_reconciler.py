@@ -19,9 +19,9 @@ import pytest
 from masqd.kernel.fake import FakeBackend, dump_table
 from masqd.kernel.nft import Applied, NftError
 from masqd.metrics import Metrics
-from masqd.planning import plan
-from masqd.planning.plan import Transaction
+from masqd.planning import planner
 from masqd.planning.ruleset import SOURCES4, SOURCES6, Policy
+from masqd.planning.transaction import Transaction
 from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
 from masqd.state.desired import DesiredState
 from masqd.state.journal import Journal
@@ -337,7 +337,7 @@ async def test_the_mirror_matches_the_kernel_after_every_sync(rig: Rig) -> None:
             assert dump_table(mirror) == rig.backend.dump()
         observed = (await rig.backend.observe()).table
         desired = rig.reconciler.baseline(rig.state.elements)
-        assert plan.plan(desired, observed, table=TABLE, policy=POLICY).empty
+        assert planner.plan(desired, observed, table=TABLE, policy=POLICY).empty
 
 
 async def test_nft_errors_are_classified() -> None:

@@ -1,6 +1,6 @@
 """The desired state and its owner index, kept incrementally, against the planner's reference.
 
-`DesiredState` maintains the table's elements change by change; `plan.desired_table`
+`DesiredState` maintains the table's elements change by change; `desired_table`
 computes them from scratch. A hypothesis state machine drives random puts, deletes and GCs
 and checks after every step that the two agree, that the owner index is exact, and that the
 dirty keys name every element that changed.
@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from masqd.models import AttachmentKeyT, parse_ip
-from masqd.planning import plan, ruleset
+from masqd.planning import ruleset
+from masqd.planning.desired import desired_table
 from masqd.planning.ruleset import SOURCES4, Element, Policy
 from masqd.state.desired import CapacityExceeded, DesiredState
 from masqd.state.journal import Journal
@@ -37,8 +38,8 @@ def local_subnet(state: DesiredState, address: str) -> str | None:
 
 
 def reference(state: DesiredState) -> dict[str, dict[str, Element]]:
-    """The elements `plan.desired_table` computes, but the policy's exempt sets."""
-    sets = plan.desired_table(state.attachments, Policy()).sets
+    """The elements `desired_table` computes, but the policy's exempt sets."""
+    sets = desired_table(state.attachments, Policy()).sets
     return {name: elems for name, elems in sets.items() if name not in ruleset.EXEMPT_SETS}
 
 

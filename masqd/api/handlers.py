@@ -59,7 +59,7 @@ from masqd.models import (
     comment_problem,
     validation_details,
 )
-from masqd.planning.plan import AttachmentRecord
+from masqd.planning.records import AttachmentRecord
 from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
 from masqd.slots import Slots
 from masqd.state.desired import CapacityExceeded, DesiredState

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from masqd.models import AttachmentKeyT
-from masqd.planning.plan import AttachmentRecord
+from masqd.planning.records import AttachmentRecord
 from masqd.state.desired import DesiredState
 
 SLICE = 250  # records: about 40 KB of JSON and well under a millisecond to make

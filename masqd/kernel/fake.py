@@ -40,8 +40,8 @@ from typing import Any
 
 from masqd.kernel.nft import Applied, NftError, Observation, Stage
 from masqd.planning import ruleset
-from masqd.planning.plan import Transaction
 from masqd.planning.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
+from masqd.planning.transaction import Transaction
 
 ENOENT = "Error: Could not process rule: No such file or directory"
 EEXIST = "Error: Could not process rule: File exists"

@@ -40,8 +40,8 @@ from typing import Any, Protocol
 from masqd.kernel import events
 from masqd.kernel.memory import release_heap
 from masqd.planning import ruleset
-from masqd.planning.plan import Transaction
 from masqd.planning.ruleset import TableState
+from masqd.planning.transaction import Transaction
 
 log = logging.getLogger(__name__)
 

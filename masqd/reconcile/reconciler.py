@@ -44,8 +44,10 @@ from typing import Any, Protocol
 
 from masqd.kernel.nft import Applied, Backend, NftError
 from masqd.metrics import Metrics
-from masqd.planning import plan, ruleset
+from masqd.planning import planner, ruleset
+from masqd.planning.desired import exempt_elements, policy_fingerprint
 from masqd.planning.ruleset import Policy, TableState
+from masqd.planning.transaction import Transaction
 from masqd.state.desired import DesiredState
 from masqd.state.journal import Journal, JournalError
 
@@ -117,7 +119,7 @@ class Reconciler:
         # Desired structures by the local sets in use (a handful of prefix lengths at most):
         # a sync looks its structure up instead of building it.
         self._structures: dict[frozenset[str], ruleset.Structure] = {}
-        self._fingerprint = plan.policy_fingerprint(policy)
+        self._fingerprint = policy_fingerprint(policy)
         self._synced = asyncio.Event()  # set, then replaced, by every successful sync
         self._mirror: TableState | None = None  # what the kernel holds, as far as we know
         self._known_generation: int | None = None
@@ -175,7 +177,7 @@ class Reconciler:
     def baseline(self, elements: dict[str, dict[str, ruleset.Element]]) -> TableState:
         """The table the current policy gives with these attachment elements."""
         sets = dict(elements)
-        sets.update(plan.exempt_elements(self.policy))
+        sets.update(exempt_elements(self.policy))
         return TableState(self._structure_for(sets), sets)
 
     def _structure_for(self, sets: dict[str, dict[str, ruleset.Element]]) -> ruleset.Structure:
@@ -213,7 +215,7 @@ class Reconciler:
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
         self._structures = {}
-        self._fingerprint = plan.policy_fingerprint(policy)
+        self._fingerprint = policy_fingerprint(policy)
         self.request_full("policy")
 
     async def wait_applied(self, version: int, timeout: float) -> None:  # noqa: ASYNC109
@@ -246,12 +248,12 @@ class Reconciler:
             while self.applied_policy != policy:
                 await self._synced.wait()
 
-    async def diff(self) -> plan.Transaction:
+    async def diff(self) -> Transaction:
         """What a full sync would change now, planned against a fresh listing of the kernel
         (not the mirror, which may be stale); nothing is applied. For `masqctl diff`."""
         observation = await self.backend.observe()
         desired = self._desired(self.policy)
-        return plan.plan(desired, observation.table, table=self.table, policy=self.policy)
+        return planner.plan(desired, observation.table, table=self.table, policy=self.policy)
 
     def status(self) -> dict[str, Any]:
         s = self.stats
@@ -398,7 +400,7 @@ class Reconciler:
             )
         # Without a fresh listing the mirror is exact and only the changed keys can differ:
         # comparing 400,000 elements every resync was most of an idle daemon's CPU.
-        tx = plan.plan(
+        tx = planner.plan(
             desired, mirror, table=self.table, policy=policy, touched=dirty if not listed else None
         )
         if listed:
@@ -411,7 +413,7 @@ class Reconciler:
         if not tx.empty:
             applied = await self._apply(tx)
             assert desired.structure is not None
-            plan.apply_in_place(tx, mirror, desired_structure=desired.structure)
+            planner.simulate_in_place(tx, mirror, desired_structure=desired.structure)
             if applied.exclusive_since(basis):
                 self._known_generation = applied.generation
             else:
@@ -441,7 +443,7 @@ class Reconciler:
             await asyncio.to_thread(journal.write_pending, pending)
         self._last_journal_write = self._timer() - started
 
-    async def _apply(self, tx: plan.Transaction) -> Applied:
+    async def _apply(self, tx: Transaction) -> Applied:
         """Apply `tx`; a whole-table one with the event group left (see the module's doc)."""
         events = self.events if tx.recreate else None
         if events is None:

@@ -5,7 +5,7 @@ in O(IPs of the attachment) per change:
 - `attachments`: key -> record (IPs with their subnets, setup sequence number);
 - `owners`: address -> the attachments that hold it, with the subnet each one gave;
 - `elements`: the set elements the kernel should hold, by set name (what
-  `plan.desired_table` computes from scratch; a property test keeps the two in agreement).
+  `desired_table` computes from scratch; a property test keeps the two in agreement).
   A local set (`local4_<plen>`) is there exactly while it holds an element, so its names are
   the local sets the table needs;
 - `dirty`: the element keys changed since the reconciler last took them.
@@ -24,8 +24,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 
 from masqd.models import AttachmentKeyT, key_problem
-from masqd.planning import plan
-from masqd.planning.plan import AttachmentRecord
+from masqd.planning.desired import elements_for_owner, exempt_elements
+from masqd.planning.records import AttachmentRecord, address_subnet, cidrs_of
 from masqd.planning.ruleset import SOURCE_SETS, Element, Policy, local_family, sources_set
 from masqd.state.journal import Entry, Journal
 
@@ -52,7 +52,7 @@ class DesiredState:
         self._seq = 0
         self._journal = journal
         # Keys whose last journal record replayed is a delete: adoption must not bring them
-        # back from the table (see `daemon.Daemon.adopt_kernel_table`).
+        # back from the table (see `daemon.Daemon.recover_from_table`).
         self.replayed_deletes: set[AttachmentKeyT] = set()
 
     # ---- reads ---------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class DesiredState:
     def table_sets(self, policy: Policy) -> dict[str, dict[str, Element]]:
         """The desired set elements, with the policy's exempt sets (no copy of the big sets)."""
         sets = dict(self.elements)
-        sets.update(plan.exempt_elements(policy))
+        sets.update(exempt_elements(policy))
         return sets
 
     # ---- changes -------------------------------------------------------------------------
@@ -94,7 +94,7 @@ class DesiredState:
         journal record). Raises CapacityExceeded, changing nothing, when a new attachment
         would exceed the limit.
         """
-        pairs = tuple(plan.address_subnet(ip) for ip in ips)
+        pairs = tuple(address_subnet(ip) for ip in ips)
         previous = self.attachments.get(key)
         if previous is not None and previous.ips == pairs:
             return False
@@ -105,7 +105,7 @@ class DesiredState:
             )
         self._set(key, pairs)
         if self._journal is not None:
-            self._journal.record_put(key, plan.cidrs_of(pairs))
+            self._journal.record_put(key, cidrs_of(pairs))
         return True
 
     def delete(self, key: AttachmentKeyT) -> AttachmentRecord | None:
@@ -167,7 +167,7 @@ class DesiredState:
 
     def load(self, key: AttachmentKeyT, ips: Iterable[str]) -> None:
         """Put without journalling: for replaying the journal itself."""
-        pairs = tuple(plan.address_subnet(ip) for ip in ips)
+        pairs = tuple(address_subnet(ip) for ip in ips)
         self._set(key, pairs)
 
     def unload(self, key: AttachmentKeyT) -> None:
@@ -237,7 +237,7 @@ class DesiredState:
             else:
                 owner = next(reversed(holders))
                 subnet = holders[owner]
-            (_, src_elem), (local, local_elem) = plan.elements_for_owner(address, owner, subnet)
+            (_, src_elem), (local, local_elem) = elements_for_owner(address, owner, subnet)
             previous = self.elements[sources].get(address)
             if previous != src_elem:
                 self.elements[sources][address] = src_elem

@@ -1,4 +1,4 @@
-"""Adoption: rebuild attachments from the kernel's table when the journal cannot tell.
+"""Recovery: rebuild attachments from the kernel's table when the journal cannot tell.
 
 If masqd starts without its journal (deleted, or a state directory that did not survive)
 while `table inet <name>` is still in the kernel, the table itself is the best record of
@@ -8,11 +8,11 @@ element gives the address's subnet. Starting empty instead would make the first 
 every element, and every container would lose its masquerade until its runtime happened to
 call again, which for a running container is never.
 
-`adopt` is a pure function of an observed table. What it cannot read back whole (no owner
+`recover` is a pure function of an observed table. What it cannot read back whole (no owner
 comment, a comment cut short by nftables' length limit, a sources element without its local
 element, an owner or address that the models refuse) is listed as unreadable, never
 guessed: the daemon reports those, and the first sync removes them since no attachment holds
-them. Attachments adopted wrongly cost little: the runtime's next GC of the network removes
+them. Attachments recovered wrongly cost little: the runtime's next GC of the network removes
 any that it does not know.
 """
 
@@ -35,7 +35,7 @@ from masqd.planning.ruleset import (
 
 
 @dataclass
-class Adoption:
+class Recovery:
     """Attachments read back from a table (key -> canonical 'address/prefix' IPs), and a
     description of every element that could not be."""
 
@@ -43,8 +43,8 @@ class Adoption:
     unreadable: list[str] = field(default_factory=list)
 
 
-def adopt(table: TableState) -> Adoption:
-    result = Adoption()
+def recover(table: TableState) -> Recovery:
+    result = Recovery()
     if table.structure is None:
         return result
     found: dict[AttachmentKeyT, list[tuple[str, str]]] = {}  # owner -> [(ip, element name)]

@@ -1,7 +1,7 @@
-"""Adoption: without a journal, the kernel's table gives the attachments back.
+"""Recovery: without a journal, the kernel's table gives the attachments back.
 
-The pure part (`masqd.adopt.adopt`) is property-tested: adopting a table that masqd wrote
-and planning the table again gives the same table. The daemon part runs the real daemon:
+The pure part (`masqd.planning.recovery.recover`) is property-tested: recovering a table that
+masqd wrote and planning the table again gives the same table. The daemon part runs the real daemon:
 its journal is deleted while the table stays in the kernel, and the restart must take the
 attachments over without removing a single element.
 """
@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masqd.planning import plan
-from masqd.planning.adopt import adopt
-from masqd.planning.plan import AttachmentRecord
+from masqd.planning.desired import desired_table
+from masqd.planning.records import AttachmentRecord, address_subnet, cidrs_of
+from masqd.planning.recovery import recover
 from masqd.planning.ruleset import SOURCES4, SOURCES6, Element, Policy, TableState
 from tests.conftest import DaemonFactory
 from tests.daemon import kernel_table, nft_listing
@@ -45,7 +45,7 @@ LOCAL6_64 = "local6_64"
 
 def records(spec: dict[tuple[str, str, str], list[str]]) -> dict:  # type: ignore[type-arg]
     return {
-        key: AttachmentRecord(tuple(plan.address_subnet(ip) for ip in value), seq)
+        key: AttachmentRecord(tuple(address_subnet(ip) for ip in value), seq)
         for seq, (key, value) in enumerate(spec.items())
     }
 
@@ -53,12 +53,10 @@ def records(spec: dict[tuple[str, str, str], list[str]]) -> dict:  # type: ignor
 @settings(max_examples=100, deadline=None)
 @given(attachments)
 def test_adopting_a_table_masqd_wrote_gives_the_same_table(spec: dict) -> None:  # type: ignore[type-arg]
-    table = plan.desired_table(records(spec), Policy())
-    adopted = adopt(table)
+    table = desired_table(records(spec), Policy())
+    adopted = recover(table)
     assert adopted.unreadable == []
-    again = plan.desired_table(
-        records({k: list(v) for k, v in adopted.attachments.items()}), Policy()
-    )
+    again = desired_table(records({k: list(v) for k, v in adopted.attachments.items()}), Policy())
     assert again.sets == table.sets
     # Every adopted attachment is one of the originals, holding a subset of its IPs: the
     # addresses for which it was the deciding (most recent) owner.
@@ -68,25 +66,25 @@ def test_adopting_a_table_masqd_wrote_gives_the_same_table(spec: dict) -> None: 
 
 
 def plan_ip(ip: str) -> str:
-    return plan.cidrs_of([plan.address_subnet(ip)])[0]
+    return cidrs_of([address_subnet(ip)])[0]
 
 
 def test_dual_stack_owner_is_one_attachment() -> None:
-    table = plan.desired_table(
+    table = desired_table(
         records({("net", "ctr", "eth0"): ["198.18.1.2/24", "2001:db8:1::2/64"]}), Policy()
     )
-    assert adopt(table).attachments == {
+    assert recover(table).attachments == {
         ("net", "ctr", "eth0"): ("198.18.1.2/24", "2001:db8:1::2/64")
     }
 
 
 def test_no_table_adopts_nothing() -> None:
-    result = adopt(TableState(None))
+    result = recover(TableState(None))
     assert result.attachments == {} and result.unreadable == []
 
 
 def _table(*elements: tuple[str, Element]) -> TableState:
-    table = plan.desired_table({}, Policy())
+    table = desired_table({}, Policy())
     for set_name, elem in elements:
         table.sets.setdefault(set_name, {})[elem.key] = elem
     return table
@@ -137,7 +135,7 @@ def _table(*elements: tuple[str, Element]) -> TableState:
 def test_unreadable_elements_are_listed_not_guessed(
     elements: list[tuple[str, Element]], reason: str
 ) -> None:
-    result = adopt(_table(*elements))
+    result = recover(_table(*elements))
     assert result.attachments == {}
     assert len(result.unreadable) == 1
     assert reason in result.unreadable[0]
@@ -150,13 +148,13 @@ def test_owner_with_too_many_ips_is_unreadable_whole() -> None:
         elements.append((LOCAL4_24, Element(f"198.18.1.{n}", "198.18.1.0/24", "net/big/eth0")))
     elements.append((SOURCES4, Element("198.18.2.2", None, "net/ok/eth0")))
     elements.append((LOCAL4_24, Element("198.18.2.2", "198.18.2.0/24", "net/ok/eth0")))
-    result = adopt(_table(*elements))
+    result = recover(_table(*elements))
     assert result.attachments == {("net", "ok", "eth0"): ("198.18.2.2/24",)}
     assert len(result.unreadable) == 17
 
 
 def test_local_comment_decides_when_the_two_disagree() -> None:
-    result = adopt(
+    result = recover(
         _table(
             (SOURCES4, Element("198.18.1.2", None, "net/old/eth0")),
             (LOCAL4_24, Element("198.18.1.2", "198.18.1.0/24", "net/new/eth0")),
