@@ -59,14 +59,15 @@ from masqd.config import (
 )
 from masqd.kernel.events import EventWatcher
 from masqd.kernel.memory import release_heap, tune_allocator
-from masqd.kernel.nft import Backend, KernelBackend, NftError
+from masqd.kernel.nft import Backend, KernelBackend
 from masqd.metrics import Metrics, serve_metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentRef
 from masqd.planning import recovery
 from masqd.planning.desired import policy_fingerprint
 from masqd.planning.ruleset import Policy
-from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
+from masqd.reconcile.errors import KernelUnavailable, SyncUnavailable
+from masqd.reconcile.reconciler import Reconciler
 from masqd.sdnotify import Notifier, watchdog_loop
 from masqd.state import spool
 from masqd.state.desired import CapacityExceeded, DesiredState
@@ -120,6 +121,7 @@ class Daemon:
                 state=self.state,
                 reconciler=self.reconciler,
                 nft=self.backend,
+                masqd_table=config.table,
                 apply_timeout=config.apply_timeout,
             )
             if isinstance(self.backend, KernelBackend)
@@ -434,9 +436,7 @@ class Daemon:
             if not applied:
                 continue
             try:
-                await self.reconciler.wait_applied(
-                    self.reconciler.request(), self.config.apply_timeout
-                )
+                await self.reconciler.commit(self.config.apply_timeout)
             except SyncUnavailable as exc:
                 log.warning("spooled DELs not confirmed yet (%s); will retry", exc)
                 retry = True
@@ -585,7 +585,7 @@ class Daemon:
             return
         try:
             report = await self.migrator.adopt()
-        except (AdoptionError, NftError, OSError) as exc:
+        except (AdoptionError, KernelUnavailable) as exc:
             log.error("adopting the CNI plugins' rules failed, legacy rules kept: %s", exc)
             return
         if not report.found:

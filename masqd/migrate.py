@@ -44,7 +44,8 @@ from pydantic import ValidationError
 from masqd.kernel.nft import NftError
 from masqd.models import AttachmentKey, AttachmentSpec, comment_problem
 from masqd.planning import ruleset
-from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
+from masqd.reconcile.errors import SyncUnavailable, kernel_boundary
+from masqd.reconcile.reconciler import Reconciler
 from masqd.state.desired import CapacityExceeded, DesiredState
 
 log = logging.getLogger(__name__)
@@ -299,12 +300,14 @@ class Migrator:
         state: DesiredState,
         reconciler: Reconciler,
         nft: JsonRunner,
+        masqd_table: str,
         apply_timeout: float = 10.0,
         table: str = LEGACY_TABLE,
     ) -> None:
         self.state = state
         self.reconciler = reconciler
         self.nft = nft
+        self.masqd_table = masqd_table
         self.apply_timeout = apply_timeout
         self.table = table
         self._lock = asyncio.Lock()
@@ -322,9 +325,11 @@ class Migrator:
 
     async def adopt(self) -> AdoptionReport:
         """Adopt every readable legacy rule; raises AdoptionError (nothing deleted) when
-        masqd's table cannot be confirmed to hold them."""
+        masqd's table cannot be confirmed to hold them, KernelUnavailable when nftables
+        refuses or cannot be reached."""
         async with self._lock:
-            return await self._adopt()
+            with kernel_boundary():
+                return await self._adopt()
 
     async def _adopt(self) -> AdoptionReport:
         legacy = await self.list_legacy()
@@ -402,12 +407,12 @@ class Migrator:
     async def _confirm(self, adopted: list[LegacyRule]) -> None:
         """Return once masqd's table in the kernel masquerades every adopted address."""
         try:
-            await self.reconciler.wait_applied(self.reconciler.request(), self.apply_timeout)
+            await self.reconciler.commit(self.apply_timeout)
         except SyncUnavailable as exc:
             raise AdoptionError(f"masqd's table did not take the adopted attachments: {exc}") from (
                 None
             )
-        observed = (await self.reconciler.backend.observe()).table
+        observed = await self.reconciler.listing()
         missing = [
             r.ip
             for r in adopted
@@ -415,7 +420,7 @@ class Migrator:
         ]
         if missing:
             raise AdoptionError(
-                f"masqd's table inet {self.reconciler.table} does not hold "
+                f"masqd's table inet {self.masqd_table} does not hold "
                 f"{', '.join(missing[:5])} after the sync; no legacy rule was deleted"
             )
 

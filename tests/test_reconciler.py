@@ -22,7 +22,8 @@ from masqd.metrics import Metrics
 from masqd.planning import planner
 from masqd.planning.ruleset import SOURCES4, SOURCES6, Policy
 from masqd.planning.transaction import Transaction
-from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
+from masqd.reconcile.errors import SyncUnavailable
+from masqd.reconcile.reconciler import Reconciler
 from masqd.state.desired import DesiredState
 from masqd.state.journal import Journal
 

@@ -45,7 +45,6 @@ from pydantic import BaseModel, ValidationError
 from masqd import __version__
 from masqd.api import listing
 from masqd.api.gcbody import BodyError, GcBodyParser
-from masqd.kernel.nft import NftError
 from masqd.metrics import Metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import (
@@ -60,7 +59,8 @@ from masqd.models import (
     validation_details,
 )
 from masqd.planning.records import AttachmentRecord
-from masqd.reconcile.reconciler import Reconciler, SyncUnavailable
+from masqd.reconcile.errors import KernelUnavailable, SyncUnavailable
+from masqd.reconcile.reconciler import Reconciler
 from masqd.slots import Slots
 from masqd.state.desired import CapacityExceeded, DesiredState
 
@@ -234,9 +234,10 @@ def _attachment(key: tuple[str, str, str], record: AttachmentRecord) -> dict[str
     return listing.attachment_json(key, record)
 
 
-async def _applied(ctx: ApiContext, version: int) -> None:
+async def _commit(ctx: ApiContext) -> None:
+    """Answer only once the kernel holds the change just made (see `reconcile.barrier`)."""
     try:
-        await ctx.reconciler.wait_applied(version, ctx.apply_timeout)
+        await ctx.reconciler.commit(ctx.apply_timeout)
     except SyncUnavailable as exc:
         raise BadRequest(503, str(exc)) from None
 
@@ -257,7 +258,7 @@ async def put_attachment(request: web.Request) -> web.Response:
         ctx.state.put(key.as_tuple(), spec.ips)
     except CapacityExceeded as exc:
         raise BadRequest(507, str(exc)) from None
-    await _applied(ctx, ctx.reconciler.request())
+    await _commit(ctx)
     return ok(Attachment(**key.model_dump(), ips=spec.ips))
 
 
@@ -274,7 +275,7 @@ async def delete_attachment(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _ref(request)
     removed = ctx.state.delete(key.as_tuple())
-    await _applied(ctx, ctx.reconciler.request())
+    await _commit(ctx)
     body: dict[str, Any] = {"deleted": removed is not None}
     if removed is not None:
         body["attachment"] = _attachment(key.as_tuple(), removed)
@@ -340,7 +341,7 @@ async def gc_network(request: web.Request) -> web.Response:
     if removed:
         ctx.metrics.gc_removed.inc(len(removed))
         log.info("gc of network %s removed %d attachments", network, len(removed))
-    await _applied(ctx, ctx.reconciler.request())
+    await _commit(ctx)
     result = GcResult(
         network=network,
         removed=tuple(Attachment.model_validate(_attachment(k, r)) for k, r in removed),
@@ -378,7 +379,7 @@ async def diff(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     try:
         tx = await ctx.reconciler.diff()
-    except (NftError, OSError) as exc:
+    except KernelUnavailable as exc:
         raise BadRequest(503, f"cannot list table inet {ctx.table}: {exc}") from None
     return ok(
         {"commands": tx.to_script(), "empty": tx.empty, "element_changes": tx.element_changes}
@@ -394,7 +395,7 @@ async def adopt_cni_plugins(request: web.Request) -> web.Response:
         report = await ctx.migrator.adopt()
     except AdoptionError as exc:
         raise BadRequest(503, str(exc)) from None
-    except (NftError, OSError) as exc:
+    except KernelUnavailable as exc:
         raise BadRequest(503, f"nftables refused: {exc}") from None
     return ok(report.to_json())
 

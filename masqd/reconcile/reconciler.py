@@ -48,6 +48,8 @@ from masqd.planning import planner, ruleset
 from masqd.planning.desired import exempt_elements, policy_fingerprint
 from masqd.planning.ruleset import Policy, TableState
 from masqd.planning.transaction import Transaction
+from masqd.reconcile.barrier import AppliedBarrier
+from masqd.reconcile.errors import kernel_boundary
 from masqd.state.desired import DesiredState
 from masqd.state.journal import Journal, JournalError
 
@@ -67,10 +69,6 @@ class EventControl(Protocol):
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
-
-
-class SyncUnavailable(Exception):
-    """A change was accepted but the kernel did not take it in time; says why."""
 
 
 @dataclass
@@ -135,9 +133,7 @@ class Reconciler:
         self._sync_started: float | None = None
         self._taken = _Taken(-1, set(), [])
         self._last_journal_write = 0.0  # seconds the last journal append took
-        self._journal_failed = False  # the last sync failed writing the journal
-        self._applied_version = -1
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.barrier = AppliedBarrier(self.request)
         self._next_resync = 0.0
         self.first_sync_done = asyncio.Event()
         # Events that touched our table while a sync ran: judged once it has written.
@@ -218,25 +214,14 @@ class Reconciler:
         self._fingerprint = policy_fingerprint(policy)
         self.request_full("policy")
 
+    async def commit(self, timeout: float) -> int:  # noqa: ASYNC109
+        """Sync the current desired state; return once the kernel holds it (SyncUnavailable
+        when it does not within `timeout`). See `barrier`."""
+        return await self.barrier.commit(timeout)
+
     async def wait_applied(self, version: int, timeout: float) -> None:  # noqa: ASYNC109
         """Return once the kernel holds desired state `version` (or a later one)."""
-        if self._applied_version >= version:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (version, future)
-        self._waiters.append(entry)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            reason = self.stats.last_error or "the reconciler is busy"
-            if self._journal_failed:
-                raise SyncUnavailable(f"journal error: {reason}") from None
-            raise SyncUnavailable(
-                f"not confirmed in the kernel within {timeout:g}s: {reason}"
-            ) from None
-        finally:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
+        await self.barrier.wait(version, timeout)
 
     async def wait_synced(self) -> None:
         """Return once the next successful sync has finished."""
@@ -251,9 +236,15 @@ class Reconciler:
     async def diff(self) -> Transaction:
         """What a full sync would change now, planned against a fresh listing of the kernel
         (not the mirror, which may be stale); nothing is applied. For `masqctl diff`."""
-        observation = await self.backend.observe()
+        listed = await self.listing()
         desired = self._desired(self.policy)
-        return planner.plan(desired, observation.table, table=self.table, policy=self.policy)
+        return planner.plan(desired, listed, table=self.table, policy=self.policy)
+
+    async def listing(self) -> TableState:
+        """A fresh listing of the kernel's table (KernelUnavailable when it cannot be had)."""
+        with kernel_boundary():
+            observation = await self.backend.observe()
+        return observation.table
 
     def status(self) -> dict[str, Any]:
         s = self.stats
@@ -277,7 +268,7 @@ class Reconciler:
             },
             "kernel_elements": _family_counts(mirror) if mirror else {"ipv4": 0, "ipv6": 0},
             "generation": self._known_generation,
-            "applied_version": self._applied_version,
+            "applied_version": self.barrier.version,
         }
 
     # ---- the loop ------------------------------------------------------------------------
@@ -486,25 +477,15 @@ class Reconciler:
 
     def _on_success(self, version: int) -> None:
         s = self.stats
-        self._journal_failed = False
         s.last_result, s.last_error = "ok", None
         s.last_ok_time = self._wall()
         self._consecutive_failures = 0
         self._retry_at = None
-        self._applied_version = max(self._applied_version, version)
         self.metrics.last_successful_sync.set(s.last_ok_time)
         if self._mirror is not None:
             for family, count in _family_counts(self._mirror).items():
                 self.metrics.kernel_elements.labels(family=family).set(count)
-        still_waiting = []
-        for entry in self._waiters:
-            waited_version, future = entry
-            if waited_version <= self._applied_version:
-                if not future.done():
-                    future.set_result(None)
-            else:
-                still_waiting.append(entry)
-        self._waiters[:] = still_waiting
+        self.barrier.settle(version)
         synced, self._synced = self._synced, asyncio.Event()
         synced.set()
         if not self.first_sync_done.is_set():
@@ -527,15 +508,7 @@ class Reconciler:
         if pending and self.journal is not None:
             # Not written: put the records back in front of anything newer.
             self.journal.requeue(pending)
-        self._journal_failed = isinstance(exc, JournalError)
-        if self._journal_failed:
-            # Nothing reached the kernel, and the journal may stay full for long: say so to
-            # everyone waiting now rather than after their timeout. The changes stay desired
-            # and are retried; a client's retry waits for them to be durable.
-            failure = SyncUnavailable(f"journal error: {s.last_error}")
-            for _, future in self._waiters:
-                if not future.done():
-                    future.set_exception(failure)
+        self.barrier.fail(s.last_error, journal=isinstance(exc, JournalError))
         self._full_needed, self._full_reason = True, "retry"
         if partial and self._consecutive_failures == 0:
             # Most likely a stale mirror: go again at once, but with a full sync.
