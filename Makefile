@@ -64,13 +64,16 @@ $(CNI_TOOLS)/.built: $(STAMP) Makefile
 run: setup
 	$(BIN)/masqd $(ARGS)
 
-test: setup test-tools
+test: setup test-tools lint
 	go=$(GO) && cd cni && $$go test -mod=vendor -count=1 ./...
 	$(BIN)/pytest $(ARGS)
 
+# The import contracts (layers, and who may import ctypes, pyroute2, pydantic ...) are in
+# pyproject.toml, [tool.importlinter].
 lint: setup
 	$(BIN)/ruff check masqd tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	go=$(GO) && cd cni && $$go vet -mod=vendor ./...
 	go=$(GO) && cd cni && out=$$("$$($$go env GOROOT)/bin/gofmt" -l *.go) && \
 	  if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi

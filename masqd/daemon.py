@@ -47,6 +47,7 @@ from aiohttp import web
 
 from masqd import __version__, fdlimit, logrepeat, paths
 from masqd.activation import listen_fds, unix_listener
+from masqd.api.exporter import serve_metrics
 from masqd.api.handlers import AccessPolicy, ApiContext, build_app
 from masqd.api.server import LimitedSockSite
 from masqd.config import (
@@ -60,7 +61,8 @@ from masqd.config import (
 from masqd.kernel.events import EventWatcher
 from masqd.kernel.memory import release_heap, tune_allocator
 from masqd.kernel.nft import Backend, KernelBackend
-from masqd.metrics import Metrics, serve_metrics
+from masqd.kernel.peergroups import peer_groups
+from masqd.metrics import Metrics
 from masqd.migrate import AdoptionError, Migrator
 from masqd.models import AttachmentRef
 from masqd.planning import recovery
@@ -357,7 +359,11 @@ class Daemon:
             state=self.state,
             reconciler=self.reconciler,
             metrics=self.metrics,
-            access=AccessPolicy(frozenset(self.config.allow_uid), frozenset(self.config.allow_gid)),
+            access=AccessPolicy(
+                frozenset(self.config.allow_uid),
+                frozenset(self.config.allow_gid),
+                peer_groups=peer_groups,
+            ),
             apply_timeout=self.config.apply_timeout,
             client_timeout=self.config.client_timeout,
             table=self.config.table,

@@ -2,7 +2,8 @@
 
 Everything is registered on an injected `CollectorRegistry`, so tests read values with
 `registry.get_sample_value(...)` and two daemons in one test process do not collide.
-The exporter is an aiohttp app on the daemon's own event loop (no extra thread).
+The exporter (`api.exporter`) is an aiohttp app on the daemon's own event loop (no extra
+thread).
 
 Label values come from small closed sets (route templates, known methods, status codes,
 `full`/`partial`, `ipv4`/`ipv6`): a client sending odd methods or paths cannot grow the
@@ -13,16 +14,13 @@ contract, and nothing of ours reads them.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterable
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from masqd import __version__
-from masqd.fdlimit import Guard
 
 # Sync histogram from 1 ms: a one-element transaction on libnftables takes a few ms.
 SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -165,76 +163,3 @@ class _WithoutCreated:
             created = family.name + "_created"
             family.samples = [s for s in family.samples if s.name != created]
             yield family
-
-
-async def serve_metrics(
-    metrics: Metrics,
-    listen: str,
-    *,
-    ready: Callable[[], bool],
-    max_connections: int = 64,
-    client_timeout: float = 10.0,
-    guard: Guard | None = None,
-) -> tuple[web.AppRunner, str]:
-    """Serve /metrics (and /healthz, /readyz, for probes that speak TCP) on HOST:PORT from
-    the running event loop. Returns the runner and the bound address as a URL's host:port
-    (port 0 picks a free port; IPv6 in brackets).
-
-    The port is open to the node's network, so it has the API's limits: at most
-    `max_connections` at once (beyond, one 503 and close), `client_timeout` to send a
-    request, to read the answer, and idle on a kept-alive connection."""
-    # Here, not at the top: server imports api, which imports this module.
-    from masqd.api.server import LimitedSockSite
-
-    host, _, port = listen.rpartition(":")
-    app = web.Application(
-        handler_args={
-            "max_field_size": 8190,
-            "max_line_size": 8190,
-            "keepalive_timeout": client_timeout,
-            "lingering_time": client_timeout,
-        }
-    )
-
-    async def exposition(request: web.Request) -> web.Response:
-        body, content_type = metrics.exposition()
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
-        is_ready = ready()
-        return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
-
-    app.router.add_get("/metrics", exposition)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        sock = _tcp_listener(host.strip("[]") or "127.0.0.1", int(port))
-        await LimitedSockSite(
-            runner,
-            sock,
-            max_connections=max_connections,
-            send_timeout=client_timeout,
-            guard=guard,
-            on_refused=metrics.refusals("metrics"),
-        ).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound_host, bound_port = sock.getsockname()[:2]
-    if ":" in bound_host:
-        bound_host = f"[{bound_host}]"
-    return runner, f"{bound_host}:{bound_port}"
-
-
-def _tcp_listener(host: str, port: int) -> socket.socket:
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.create_server(address, family=family)
-    sock.setblocking(False)
-    return sock

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import json
 import logging
 import os
@@ -87,12 +85,22 @@ ATTACHMENT = "/v1/attachments/{network}/{container_id}/{ifname}"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _no_groups(sock: TransportSocket) -> tuple[int, ...]:
+    return ()
+
+
 @dataclass
 class AccessPolicy:
-    """Who may use the socket besides root."""
+    """Who may use the socket besides root.
+
+    `peer_groups` reads a peer's supplementary groups from its socket: the daemon passes
+    `kernel.peergroups.peer_groups` (a libc call through ctypes, which only `kernel` makes;
+    the API does not import `kernel`). Without it only the primary gid counts.
+    """
 
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
+    peer_groups: Callable[[TransportSocket], Iterable[int]] = _no_groups
 
     def allows(self, uid: int, gid: int, groups: Callable[[], Iterable[int]] = tuple) -> bool:
         """`groups` gives the peer's supplementary groups; asked only when they decide."""
@@ -445,38 +453,10 @@ def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
-# SO_PEERGROUPS (Linux 4.13): the supplementary groups the peer had at connect().
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-_GROUPS_FIRST_TRY = 64  # fits almost everyone; the kernel says how many when it does not
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def peer_groups(sock: socket.socket | TransportSocket) -> tuple[int, ...]:
-    """The peer's supplementary group IDs (empty where the kernel cannot tell).
-
-    Through libc: Python's getsockopt takes at most 1,024 bytes (256 groups), and a user
-    may be in up to 65,536 groups.
-    """
-    count = _GROUPS_FIRST_TRY
-    for _ in range(2):
-        buf = (ctypes.c_uint32 * count)()
-        size = ctypes.c_uint32(ctypes.sizeof(buf))
-        fd = sock.fileno()
-        if _libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(size)) == 0:
-            return tuple(buf[: size.value // ctypes.sizeof(ctypes.c_uint32)])
-        err = ctypes.get_errno()
-        if err != errno.ERANGE:
-            log.warning("cannot read the peer's groups (SO_PEERGROUPS): %s", os.strerror(err))
-            return ()
-        count = size.value // ctypes.sizeof(ctypes.c_uint32)  # the size the kernel needs
-    return ()
-
-
-def _peer_groups_of(request: web.Request) -> tuple[int, ...]:
+def _peer_groups_of(request: web.Request) -> Iterable[int]:
     transport = request.transport
-    # asyncio hands out a TransportSocket: it has fileno(), which is all peer_groups uses.
     sock = transport.get_extra_info("socket") if transport is not None else None
-    return () if sock is None else peer_groups(sock)
+    return () if sock is None else request.app[CONTEXT].access.peer_groups(sock)
 
 
 @web.middleware

@@ -1,10 +1,10 @@
 """An in-memory nftables for tests, with the kernel's semantics for what masqd does.
 
-`FakeBackend` implements `nft.Backend`. It runs the transaction's nftables JSON as
-`Transaction.to_json()` builds it; `KernelBackend` sends the same commands as text written by
-`Transaction.batches` (tests/test_plan.py checks that the two encodings agree, and that the
-batches make the same table as the whole). It lists its table back in the kernel's JSON
-shape through `ruleset.parse_table`, the parser masqd uses on the real listing. What it
+`FakeBackend` implements `nft.Backend`. It runs exactly the bytes `KernelBackend` hands
+libnftables: `Transaction.batches(BATCH_ELEMENTS)`, each batch parsed as JSON and run all or
+nothing, so a mistake in that encoding fails the fake's tests too. It lists its table back in
+the kernel's JSON shape through `ruleset.parse_table`, the parser masqd uses on the real
+listing. What it
 keeps faithful (each point checked against nftables 1.0.6 on a 6.x kernel, and by
 tests/test_nft_kernel.py, which runs the same scenarios on both):
 
@@ -38,7 +38,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from masqd.kernel.nft import Applied, NftError, Observation, Stage
+from masqd.kernel.nft import BATCH_ELEMENTS, Applied, NftError, Observation, Stage
 from masqd.planning import ruleset
 from masqd.planning.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
 from masqd.planning.transaction import Transaction
@@ -115,10 +115,15 @@ class FakeBackend:
         if self._failures:
             raise NftError(self._failures.pop(0))
         before = self._generation
-        self._stage("commit")
-        self.run_json(tx.to_json())
+        commits = 0
+        # The very bytes KernelBackend hands libnftables, batch by batch: each batch all or
+        # nothing, and the ones before a failing batch stay committed, as in the kernel.
+        for payload in tx.batches(BATCH_ELEMENTS):
+            self._stage("commit")
+            self.run_json(json.loads(payload))
+            commits += 1
         self.applied.append(tx)
-        return Applied(self._generation, before, 1)
+        return Applied(self._generation, before, commits)
 
     async def generation(self) -> int:
         self._check_open()
