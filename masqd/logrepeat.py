@@ -51,7 +51,6 @@ class RepeatFilter(logging.Filter):
         self.clock = clock
         self._seen: OrderedDict[tuple[str, int, str], _Seen] = OrderedDict()
         self._lock = threading.Lock()
-        self.held_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "masqd_summary", False) or getattr(record, "masqd_always", False):
@@ -63,7 +62,6 @@ class RepeatFilter(logging.Filter):
             seen = self._seen.get(key)
             if seen is not None and now - seen.since < self.window:
                 seen.held += 1
-                self.held_total += 1
                 passes = False
             else:
                 if seen is not None:

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from masqd.kernel.nft import NftError
-from masqd.models import AttachmentKey, AttachmentSpec, comment_problem
+from masqd.models import AttachmentKey, AttachmentKeyT, AttachmentSpec, comment_problem
 from masqd.planning import ruleset
 from masqd.reconcile.errors import SyncUnavailable, kernel_boundary
 from masqd.reconcile.reconciler import Reconciler
@@ -96,7 +96,7 @@ def comment_for_instance(network: str, ifname: str, container_id: str) -> str:
     return comment.encode()[:COMMENT_LENGTH_MAX].decode(errors="ignore")
 
 
-def parse_comment(comment: str | None) -> tuple[str, str, str] | str:
+def parse_comment(comment: str | None) -> AttachmentKeyT | str:
     """(network, container ID, ifname) named by a legacy comment, or the reason it cannot be
     read. The names are believed only when they hash to the hashes the comment starts with."""
     if not comment:
@@ -127,7 +127,7 @@ class LegacyRule:
     """One readable rule: who owns it and which IP (with its subnet's prefix) it masquerades."""
 
     handle: int
-    key: tuple[str, str, str]
+    key: AttachmentKeyT
     ip: str
     comment: str
 
@@ -336,7 +336,7 @@ class Migrator:
         report = AdoptionReport(found=legacy.found, left=list(legacy.unreadable))
         if not legacy.found:
             return report
-        groups: dict[tuple[str, str, str], list[LegacyRule]] = {}
+        groups: dict[AttachmentKeyT, list[LegacyRule]] = {}
         for rule in legacy.rules:
             groups.setdefault(rule.key, []).append(rule)
         adopted: list[LegacyRule] = []
@@ -382,7 +382,7 @@ class Migrator:
             )
         return report
 
-    def _put(self, key: tuple[str, str, str], rules: list[LegacyRule]) -> str | None:
+    def _put(self, key: AttachmentKeyT, rules: list[LegacyRule]) -> str | None:
         """Set one attachment in the desired state; the reason when it cannot be."""
         try:
             AttachmentKey(network=key[0], container_id=key[1], ifname=key[2])

@@ -1,8 +1,8 @@
 """Every rule about valid input, in one place.
 
-The API (with `gcbody` for GC bodies), the DEL spool, the table adoption and the CNI-rules
-migration go through these types, and the journal's replay checks keys with `key_problem`,
-so a value that got past them is valid everywhere. (`masqctl` checks nothing itself: the
+The API (with `gcbody` for GC bodies), the DEL spool, the recovery from the kernel's table
+(`planning.recovery`) and the CNI-rules migration go through these types, and the journal's
+replay checks keys with `key_problem`, so a value that got past them is valid everywhere. (`masqctl` checks nothing itself: the
 daemon judges what it sends.) Models are frozen and forbid unknown keys: a typo in a request
 is an error, never a silently ignored field.
 

@@ -11,11 +11,11 @@ Three layers:
   teardowns and a GC, a 400 counted by route, method and code, a flushed set counted as a
   drift repair, and two ways the kernel makes a sync fail.
 
-The kernel refusing a transaction, for real: DESIGN.md's stale mirror. The daemon is
-restarted from its journal in a fresh namespace brought to the generation id its journal
-marker names, so it trusts its picture of the kernel without listing; the next teardown's
-partial transaction deletes elements the kernel does not hold, and nftables refuses it
-(ENOENT). No race is involved: the outcome is the same every run.
+The kernel refusing a transaction, for real: a stale mirror (docs/operating.md, "Drift
+repair"). The daemon is restarted from its journal in a fresh namespace brought to the
+generation id its journal marker names, so it trusts its picture of the kernel without
+listing; the next teardown's partial transaction deletes elements the kernel does not hold,
+and nftables refuses it (ENOENT). No race is involved: the outcome is the same every run.
 
 A table the daemon cannot repair: a table created with the `owner` flag belongs to the
 netlink socket that created it; the kernel answers EPERM to anyone else who touches it and
@@ -472,11 +472,12 @@ def test_a_flushed_set_is_repaired_and_counted_as_drift(daemon: MasqdProcess) ->
 def test_a_transaction_the_kernel_refuses_is_counted_as_a_sync_failure(
     daemon: MasqdProcess,
 ) -> None:
-    """The stale-mirror case of DESIGN.md: a partial sync deletes an element the kernel does
-    not hold, nftables refuses the whole transaction (ENOENT), masqd counts the failure and
-    repairs with a full sync. To make the mirror stale without the daemon noticing, it is
-    restarted from its journal in a fresh namespace brought to the very generation id its
-    journal marker names: it trusts the marker and lists nothing, yet the kernel is empty."""
+    """The stale-mirror case (docs/operating.md, "Drift repair"): a partial sync deletes an
+    element the kernel does not hold, nftables refuses the whole transaction (ENOENT), masqd
+    counts the failure and repairs with a full sync. To make the mirror stale without the
+    daemon noticing, it is restarted from its journal in a fresh namespace brought to the very
+    generation id its journal marker names: it trusts the marker and lists nothing, yet the
+    kernel is empty."""
     for n in (1, 2):
         assert daemon.client.put_attachment("net", f"c{n}", "eth0", ips(n)).status == 200
     daemon.stop()

@@ -25,14 +25,13 @@ from typing import Any
 
 import pytest
 
+from masqd.models import AttachmentKeyT
 from masqd.planning.ruleset import SOURCES4, SOURCES6, local_set
 from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, kernel_table, nft_listing
 from tests.netns import probe, topology
 
 pytestmark = pytest.mark.kernel
-
-Key = tuple[str, str, str]
 
 
 # ---- shared helpers ---------------------------------------------------------------------
@@ -73,7 +72,7 @@ ROUNDS = 5
 BURST = 200
 
 
-def _burst(round_no: int) -> dict[Key, list[str]]:
+def _burst(round_no: int) -> dict[AttachmentKeyT, list[str]]:
     return {
         (f"burst{round_no}", f"r{round_no}c{i}", "eth0"): [
             f"198.18.{100 + round_no}.{i + 1}/24",
@@ -84,14 +83,14 @@ def _burst(round_no: int) -> dict[Key, list[str]]:
 
 
 async def _put_all_then_kill(
-    daemon: MasqdProcess, setups: dict[Key, list[str]], kill_at: int, rng: random.Random
-) -> set[Key]:
+    daemon: MasqdProcess, setups: dict[AttachmentKeyT, list[str]], kill_at: int, rng: random.Random
+) -> set[AttachmentKeyT]:
     """Send the setups concurrently, each after a random delay of up to 0.1 s (so that some
     are still to arrive); SIGKILL the daemon as the `kill_at`-th answer 200 comes in. The
     keys that were answered 200."""
-    acknowledged: set[Key] = set()
+    acknowledged: set[AttachmentKeyT] = set()
 
-    async def one(key: Key, ips: list[str], delay: float) -> None:
+    async def one(key: AttachmentKeyT, ips: list[str], delay: float) -> None:
         await asyncio.sleep(delay)
         try:
             status, _ = await client.put_attachment(*key, ips)
@@ -113,7 +112,7 @@ def test_sigkill_during_setup_bursts_loses_no_acknowledged_setup(
 ) -> None:
     daemon = daemon_factory()
     rng = random.Random(5)
-    acknowledged: dict[Key, list[str]] = {}
+    acknowledged: dict[AttachmentKeyT, list[str]] = {}
     rounds = []
     for round_no in range(ROUNDS):
         setups = _burst(round_no)

@@ -48,6 +48,7 @@ from masqd.migrate import AdoptionError, Migrator
 from masqd.models import (
     Attachment,
     AttachmentKey,
+    AttachmentKeyT,
     AttachmentRef,
     AttachmentSpec,
     ErrorBody,
@@ -139,7 +140,11 @@ def ok(payload: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(status=status, text=text, content_type="application/json")
 
 
-class BadRequest(Exception):
+class ApiError(Exception):
+    """A request answered with an error: `status` (4xx for the client's mistakes, 503 when the
+    kernel did not confirm in time or too much runs at once, 507 at --max-attachments), and
+    the JSON error body's message and details; `middleware` writes the answer."""
+
     def __init__(
         self,
         status: int,
@@ -168,7 +173,7 @@ def _validate(model: type[M], data: Any, what: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise BadRequest(400, f"invalid {what}", validation_details(exc.errors())) from None
+        raise ApiError(400, f"invalid {what}", validation_details(exc.errors())) from None
 
 
 async def read_json(request: web.Request, limit: int) -> Any:
@@ -176,11 +181,11 @@ async def read_json(request: web.Request, limit: int) -> Any:
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise BadRequest(400, "request body is not valid JSON: nested too deeply") from None
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
     except ValueError:  # an integer of more than sys.get_int_max_str_digits() digits
-        raise BadRequest(400, "request body is not valid JSON: a number is too long") from None
+        raise ApiError(400, "request body is not valid JSON: a number is too long") from None
 
 
 async def body_pieces(request: web.Request, limit: int, piece: int) -> AsyncIterator[bytes]:
@@ -190,9 +195,9 @@ async def body_pieces(request: web.Request, limit: int, piece: int) -> AsyncIter
     spends on each piece: a 30 MiB GC parsed on a busy node is not the client's delay."""
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in CONTENT_ENCODINGS:
-        raise BadRequest(415, f"unsupported Content-Encoding {encoding[:40]!r}: use gzip or none")
+        raise ApiError(415, f"unsupported Content-Encoding {encoding[:40]!r}: use gzip or none")
     if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(413, f"request body is larger than {limit} bytes")
+        raise ApiError(413, f"request body is larger than {limit} bytes")
     timeout = request.app[CONTEXT].client_timeout
     clock = asyncio.get_running_loop().time
     waited = 0.0
@@ -204,18 +209,18 @@ async def body_pieces(request: web.Request, limit: int, piece: int) -> AsyncIter
                 chunk = await request.content.read(piece)
             waited += clock() - started
         except TimeoutError:
-            raise BadRequest(408, f"request body not received within {timeout:g}s") from None
+            raise ApiError(408, f"request body not received within {timeout:g}s") from None
         except web.RequestPayloadError as exc:
             # A body that does not decode as its Content-Encoding says (gzip that is not).
             cause = exc.__cause__ or exc
-            raise BadRequest(400, f"request body cannot be decoded: {_one_line(cause)}") from None
+            raise ApiError(400, f"request body cannot be decoded: {_one_line(cause)}") from None
         except ConnectionError:
             raise ClientGone from None
         if not chunk:
             return
         size += len(chunk)
         if size > limit:
-            raise BadRequest(413, f"request body is larger than {limit} bytes")
+            raise ApiError(413, f"request body is larger than {limit} bytes")
         yield chunk
 
 
@@ -238,7 +243,7 @@ def _path_key(request: web.Request) -> dict[str, str]:
     return {"network": m["network"], "container_id": m["container_id"], "ifname": m["ifname"]}
 
 
-def _attachment(key: tuple[str, str, str], record: AttachmentRecord) -> dict[str, Any]:
+def _attachment(key: AttachmentKeyT, record: AttachmentRecord) -> dict[str, Any]:
     return listing.attachment_json(key, record)
 
 
@@ -247,7 +252,7 @@ async def _commit(ctx: ApiContext) -> None:
     try:
         await ctx.reconciler.commit(ctx.apply_timeout)
     except SyncUnavailable as exc:
-        raise BadRequest(503, str(exc)) from None
+        raise ApiError(503, str(exc)) from None
 
 
 # ---- handlers -----------------------------------------------------------------------------
@@ -261,11 +266,11 @@ async def put_attachment(request: web.Request) -> web.Response:
         # Only new keys: one journalled before the rule keeps working (see models).
         problem = comment_problem(*key.as_tuple())
         if problem is not None:
-            raise BadRequest(400, "invalid attachment path", ({"loc": "path", "msg": problem},))
+            raise ApiError(400, "invalid attachment path", ({"loc": "path", "msg": problem},))
     try:
         ctx.state.put(key.as_tuple(), spec.ips)
     except CapacityExceeded as exc:
-        raise BadRequest(507, str(exc)) from None
+        raise ApiError(507, str(exc)) from None
     await _commit(ctx)
     return ok(Attachment(**key.model_dump(), ips=spec.ips))
 
@@ -275,7 +280,7 @@ async def get_attachment(request: web.Request) -> web.Response:
     key = _ref(request)
     record = ctx.state.get(key.as_tuple())
     if record is None:
-        raise BadRequest(404, f"no attachment {key.network}/{key.container_id}/{key.ifname}")
+        raise ApiError(404, f"no attachment {key.network}/{key.container_id}/{key.ifname}")
     return ok(_attachment(key.as_tuple(), record))
 
 
@@ -323,7 +328,7 @@ def _admitted(slots: Slots, what: str) -> Iterator[None]:
     """Hold one of `slots` for the block, or answer 503 with Retry-After."""
     if not slots.take():
         message = f"too many {what} at once ({slots.size}); retry later"
-        raise BadRequest(503, message, headers={"Retry-After": RETRY_AFTER})
+        raise ApiError(503, message, headers={"Retry-After": RETRY_AFTER})
     try:
         yield
     finally:
@@ -378,7 +383,7 @@ async def _gc_entries(request: web.Request, network: str) -> tuple[int, set[tupl
             await asyncio.sleep(0)  # a setup goes before the next piece
         parser.feed(b"", eof=True)
     except BodyError as exc:
-        raise BadRequest(400, exc.message, exc.details) from None
+        raise ApiError(400, exc.message, exc.details) from None
     return started, valid
 
 
@@ -388,7 +393,7 @@ async def diff(request: web.Request) -> web.Response:
     try:
         tx = await ctx.reconciler.diff()
     except KernelUnavailable as exc:
-        raise BadRequest(503, f"cannot list table inet {ctx.table}: {exc}") from None
+        raise ApiError(503, f"cannot list table inet {ctx.table}: {exc}") from None
     return ok(
         {"commands": tx.to_script(), "empty": tx.empty, "element_changes": tx.element_changes}
     )
@@ -398,13 +403,13 @@ async def adopt_cni_plugins(request: web.Request) -> web.Response:
     """Adopt the CNI plugins' legacy masquerade rules (see `migrate`)."""
     ctx = request.app[CONTEXT]
     if ctx.migrator is None:
-        raise BadRequest(501, "adoption needs the kernel nftables backend")
+        raise ApiError(501, "adoption needs the kernel nftables backend")
     try:
         report = await ctx.migrator.adopt()
     except AdoptionError as exc:
-        raise BadRequest(503, str(exc)) from None
+        raise ApiError(503, str(exc)) from None
     except KernelUnavailable as exc:
-        raise BadRequest(503, f"nftables refused: {exc}") from None
+        raise ApiError(503, f"nftables refused: {exc}") from None
     return ok(report.to_json())
 
 
@@ -475,7 +480,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     else:
         try:
             response = await handler(request)
-        except BadRequest as exc:
+        except ApiError as exc:
             response = error(exc.status, exc.message, exc.details)
             response.headers.update(exc.headers)
         except ClientGone:

@@ -409,9 +409,6 @@ class FakeBackend:
         elem = next((e for e in held if e.key == key), None)
         self._tamper(self._elem_cmd("delete", set_name, elem or Element(key, key)))
 
-    def add_element(self, set_name: str, elem: Element) -> None:
-        self._tamper(self._elem_cmd("add", set_name, elem))
-
     def flush_set(self, set_name: str) -> None:
         self._tamper({"flush": {"set": {"family": "inet", "table": self.table, "name": set_name}}})
 
@@ -420,9 +417,6 @@ class FakeBackend:
 
     def drop_table(self) -> None:
         self._tamper({"delete": {"table": ruleset.table_ref(self.table)}})
-
-    def delete_set(self, set_name: str) -> None:
-        self._tamper({"delete": {"set": {"family": "inet", "table": self.table, "name": set_name}}})
 
     def add_rule(self, expr: list[Any] | None = None, chain: str = ruleset.CHAIN) -> None:
         """A foreign rule appended to `chain` (by default an `accept` in masqd's own chain)."""

@@ -190,7 +190,7 @@ def owner_comment(network: str, container_id: str, ifname: str) -> str:
     return raw[: COMMENT_MAX_BYTES - 1].decode(errors="ignore") + TRUNCATED_MARK
 
 
-def parse_owner_comment(comment: str | None) -> tuple[str, str, str] | None:
+def parse_owner_comment(comment: str | None) -> models.AttachmentKeyT | None:
     """The owner named by an element comment, or None when it cannot be read back whole."""
     if not comment or comment.endswith(TRUNCATED_MARK):
         return None

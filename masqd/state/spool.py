@@ -27,7 +27,6 @@ owner alone (`UnsafeSpool` otherwise: nothing in it is applied, and nothing is c
 through it; the daemon reports the problem). Entries are opened, listed and removed
 relative to that descriptor, never by a path that could be swapped meanwhile.
 
-
 This side is synchronous: the daemon calls it from a thread or directly (each call is a few
 system calls on a directory that is almost always empty).
 """
@@ -45,6 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from masqd import paths
+from masqd.models import AttachmentKeyT
 
 SPOOL_DIRNAME = "spool"
 FORMAT_VERSION = 1
@@ -74,7 +74,7 @@ class SpooledDelete:
     path: str
 
     @property
-    def key(self) -> tuple[str, str, str]:
+    def key(self) -> AttachmentKeyT:
         return (self.network, self.container_id, self.ifname)
 
 
@@ -279,8 +279,3 @@ def _read_entry(path: str, dir_fd: int, name: str) -> SpooledDelete | str | None
     if os.path.basename(path) != entry_name(network, container_id, ifname):
         return "file name does not match its key"
     return SpooledDelete(network, container_id, ifname, float(spooled_at), path)
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
