@@ -2,9 +2,9 @@
 
 The API (with `gcbody` for GC bodies), the DEL spool, the recovery from the kernel's table
 (`planning.recovery`) and the CNI-rules migration go through these types, and the journal's
-replay checks keys with `key_problem`, so a value that got past them is valid everywhere. (`masqctl` checks nothing itself: the
-daemon judges what it sends.) Models are frozen and forbid unknown keys: a typo in a request
-is an error, never a silently ignored field.
+replay checks keys with `key_problem`, so a value that got past them is valid everywhere.
+(`masqctl` checks nothing itself: the daemon judges what it sends.) Models are frozen and
+forbid unknown keys: a typo in a request is an error, never a silently ignored field.
 
 Inside the daemon attachments are kept in a compact form (strings and tuples, see `state`);
 these models are the boundary.

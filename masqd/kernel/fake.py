@@ -390,24 +390,14 @@ class FakeBackend:
     def _tamper(self, *commands: dict[str, Any]) -> None:
         self.run_json({"nftables": list(commands)})
 
-    def _elem_cmd(self, verb: str, set_name: str, elem: Element) -> dict[str, Any]:
-        return {
-            verb: {
-                "element": {
-                    "family": "inet",
-                    "table": self.table,
-                    "name": set_name,
-                    "elem": [ruleset.element_json(set_name, elem, with_comment=verb == "add")],
-                }
-            }
-        }
-
     def delete_element(self, set_name: str, key: str) -> None:
         """`nft delete element inet <table> <set> { key }`: the element stored under `key`."""
         table = self._tables.get(self.table)
         held = table.sets[set_name].elements if table and set_name in table.sets else []
-        elem = next((e for e in held if e.key == key), None)
-        self._tamper(self._elem_cmd("delete", set_name, elem or Element(key, key)))
+        elem = next((e for e in held if e.key == key), None) or Element(key, key)
+        value = ruleset.element_json(set_name, elem, with_comment=False)
+        spec = {"family": "inet", "table": self.table, "name": set_name, "elem": [value]}
+        self._tamper({"delete": {"element": spec}})
 
     def flush_set(self, set_name: str) -> None:
         self._tamper({"flush": {"set": {"family": "inet", "table": self.table, "name": set_name}}})

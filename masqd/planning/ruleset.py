@@ -348,7 +348,7 @@ def element_json(set_name: str, elem: Element, *, with_comment: bool = True) -> 
 
 def element_json_text(set_name: str, elem: Element, *, with_comment: bool = True) -> str:
     """`element_json` already encoded, for whole-table transactions (see
-    `plan.Transaction.encode`); a test keeps the two equal."""
+    `Transaction.encode`); a test keeps the two equal."""
     if set_name not in _SET_TYPES:
         assert elem.subnet is not None
         value = f'{{"concat":[{_quote(elem.key)},{_quote(elem.subnet.partition("/")[0])}]}}'
