@@ -99,7 +99,6 @@ class ConfigWatcher:
         self.digests: dict[str, Digest] = {
             p: given[p] if p in given else file_digest(p) for p in self.paths
         }
-        self.changes = 0  # times on_change was called (for tests and status)
         self._watched: dict[str, int] = {}  # directory -> watch descriptor
         self._unwatchable: set[str] = set()  # directories already reported as missing
 
@@ -193,7 +192,6 @@ class ConfigWatcher:
                 ", ".join(gone),
             )
             return
-        self.changes += 1
         self.on_change()
 
 
