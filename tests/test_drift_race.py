@@ -43,6 +43,7 @@ from masqd.kernel.nft import KernelBackend
 from masqd.metrics import Metrics
 from masqd.planning.ruleset import EXEMPT4, SOURCES4, Policy
 from masqd.reconcile.reconciler import Reconciler
+from masqd.reconcile.runner import Reason
 from masqd.state.desired import DesiredState
 from masqd.state.journal import END, _end_line
 from tests.conftest import DaemonFactory
@@ -146,9 +147,9 @@ def _start_round(
     else:
         set_stage(hook)
     if rnd.trigger == "event":
-        reconciler.request_full("nftables event")
+        reconciler.request_full(Reason.EVENT)
     elif rnd.trigger == "resync":
-        reconciler.request_full("resync")
+        reconciler.request_full(Reason.RESYNC, must_list=False)
     else:
         reconciler.request()
 
@@ -215,12 +216,12 @@ async def test_the_periodic_resync_lists_again_after_a_commit_it_missed() -> Non
     assert await reconciler.sync_once()
     state.put(("net", "a", "eth0"), ["198.18.1.2/24"])
     backend.stage = Hook("commit", _fake_commit(backend, "exempt4", ""))
-    reconciler.request_full("resync")
+    reconciler.request_full(Reason.RESYNC, must_list=False)
     assert await reconciler.sync_once()
     backend.stage = None
     assert FOREIGN in backend.dump()
     # Whatever triggers come next, the resync itself must look again.
-    reconciler.request_full("resync")
+    reconciler.request_full(Reason.RESYNC, must_list=False)
     assert await reconciler.sync_once()
     assert backend.dump() == dump_table(reconciler.baseline(state.elements))
     assert reconciler.stats.drift_repairs == 1

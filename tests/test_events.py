@@ -26,6 +26,7 @@ from masqd.kernel.nft import KernelBackend, Observation
 from masqd.metrics import Metrics
 from masqd.planning.ruleset import SOURCES4, Policy
 from masqd.reconcile.reconciler import Reconciler
+from masqd.reconcile.runner import Reason
 from masqd.state.desired import DesiredState
 from tests.netns import netns, nft
 
@@ -264,7 +265,7 @@ async def test_changes_elsewhere_move_the_generation_on_without_listing() -> Non
         assert r.backend.listings == listings
         assert r.watcher is not None and r.watcher.stats.listings_skipped == 2
         # The periodic resync sees an unmoved generation, and skips its listing too.
-        r.reconciler.request_full("resync")
+        r.reconciler.request_full(Reason.RESYNC, must_list=False)
         await r.until(lambda: _true(r.reconciler.stats.full == 2))
         assert r.backend.listings == listings
 

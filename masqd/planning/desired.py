@@ -1,6 +1,7 @@
 """Desired state -> desired table: the elements an attachment owns, the exempt sets of a
-policy, and the fingerprint that names a policy's fixed structure (the journal's marker
-carries it). Pure, like the planner."""
+policy, the fingerprint that names a policy's fixed structure (the journal's marker
+carries it), and `DesiredTables`, which builds the table a sync plans towards. Pure, like
+the planner: no asyncio, no logging, no clock."""
 
 from __future__ import annotations
 
@@ -99,3 +100,40 @@ def policy_fingerprint(policy: Policy) -> str:
         )
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class DesiredTables:
+    """Builds the desired table for one policy, as the reconciler asks on every sync.
+
+    The structure depends only on the policy and on which local sets (prefix lengths) are in
+    use: a handful of combinations at most, so each is built once and looked up after, and
+    a sync does not rebuild rules and chains. A new policy gets a new builder.
+    """
+
+    CACHED_STRUCTURES = 64  # beyond this many combinations, prefix lengths churned: start over
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.fingerprint = policy_fingerprint(policy)
+        self._structures: dict[frozenset[str], ruleset.Structure] = {}
+
+    def table(self, sets: dict[str, dict[str, Element]]) -> TableState:
+        """The desired table with these desired elements (exempt sets included)."""
+        return TableState(self.structure_for(sets), sets)
+
+    def baseline(self, elements: Mapping[str, dict[str, Element]]) -> TableState:
+        """The table the policy gives with these attachment elements (no exempt sets yet)."""
+        sets = dict(elements)
+        sets.update(exempt_elements(self.policy))
+        return self.table(sets)
+
+    def structure_for(self, sets: Mapping[str, dict[str, Element]]) -> ruleset.Structure:
+        """The policy's structure, with a local set for each local set name among `sets`."""
+        names = frozenset(name for name in sets if ruleset.is_local_set(name))
+        structure = self._structures.get(names)
+        if structure is None:
+            structure = ruleset.desired_structure(self.policy, names)
+            if len(self._structures) > self.CACHED_STRUCTURES:
+                self._structures.clear()
+            self._structures[names] = structure
+        return structure

@@ -31,19 +31,24 @@ first append numbers on from there. Readers that predate `n`, `next` and `count`
 An append that fails (ENOSPC, EIO) is cut back off the file (`ftruncate` to the length before
 it) before anything else is appended, so a half record is never followed by whole ones.
 
-Records are queued on the event loop (`record_*`) and written by `write_pending`: on the loop
-itself when the batch is small and the last append was fast (tmpfs), in a worker thread
-otherwise (the reconciler chooses, see `Reconciler._write_journal`; never two at once). When
-the journal has grown past its snapshot, `compact` rewrites both in a worker thread.
+Records are queued on the event loop (`record_*`). Each sync takes them in one turn of the
+journal (`cycle`), which owns the whole round: append and fsync the records before the
+kernel gets the change (on the loop itself when the batch is small and the last append was
+fast, tmpfs; in a worker thread otherwise; never two at once), put them back if the sync
+fails, and afterwards rewrite the snapshot in a worker thread when the journal has grown
+(`compact`) and write the sync marker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,8 @@ SNAPSHOT = "attachments.snapshot"
 JOURNAL = "attachments.journal"
 END = "attachments.end"
 FORMAT_VERSION = 1  # `n`, `next` and `count` are additions an older reader ignores
+INLINE_LINES = 64  # appends of up to this many records may run on the event loop
+SLOW_WRITE = 0.001  # seconds: an append slower than this sends the next to a thread
 
 
 class JournalError(Exception):
@@ -89,6 +96,31 @@ class Loaded:
     found: bool = False  # a snapshot or journal existed
     complete: bool = False  # proven to hold every record written (see the module's doc)
     incomplete: str = "no journal"  # why not, when not
+
+
+Records = Callable[[], list[tuple[AttachmentKeyT, tuple[str, ...]]]]
+
+
+@dataclass(frozen=True)
+class Settled:
+    """How a sync ended, as the journal's housekeeping needs it (see `Journal.cycle`)."""
+
+    # The generation at which the kernel holds every record written; None: write no marker.
+    generation: int | None
+    fingerprint: str  # the policy's (see `Entry`)
+    attachments: int  # how many the desired state holds now
+    quiet: bool  # the desired state has not changed since the sync planned
+    records: Records  # every attachment now, for a new snapshot
+
+
+class Cycle:
+    """One sync's turn of the journal; the sync says how it ended with `settle`."""
+
+    def __init__(self) -> None:
+        self.settled: Settled | None = None
+
+    def settle(self, settled: Settled) -> None:
+        self.settled = settled
 
 
 # Lines decoded at a time while streaming: the transient objects of one chunk are freed before
@@ -208,6 +240,7 @@ class Journal:
         # file is loaded or opened; a failed append leaves the file longer, to be cut back.
         self._length: int | None = None
         self._cut_back = False
+        self._last_write = 0.0  # seconds the last append by `cycle` took
 
     @property
     def snapshot_path(self) -> Path:
@@ -321,6 +354,71 @@ class Journal:
         """The journal has outgrown its snapshot (`overdue`: by far)."""
         limit = max(self.compact_min, 2 * attachments)
         return self._lines_in_journal > (4 * limit if overdue else limit)
+
+    # ---- one sync's turn ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def cycle(self, timer: Callable[[], float] = time.perf_counter) -> AsyncIterator[Cycle]:
+        """The journal's part of one sync, around its commit to the kernel.
+
+        On entry the records queued so far are taken and appended, durable before the kernel
+        has them, so an acknowledged change survives a crash. Enter it right after taking
+        the desired state's changes, with no await between, so that the records and the plan
+        describe the same changes. If anything inside fails, the records are put back, ahead
+        of newer ones, and written again by the next sync. On a clean exit after `settle`:
+        compaction when the journal has grown, then the marker (see `_housekeeping`).
+        `timer` times the appends (see `_write`).
+        """
+        pending = self.take_pending()
+        cycle = Cycle()
+        try:
+            if pending:
+                await self._write(pending, timer)
+            yield cycle
+            if cycle.settled is not None:
+                await self._housekeeping(cycle.settled)
+        except Exception:
+            self.requeue(pending)
+            raise
+
+    async def _write(self, pending: list[bytes], timer: Callable[[], float]) -> None:
+        """Append and fsync `pending`. A few records on a fast file system (the default state
+        directory is tmpfs: microseconds) are written right here, since a hand-off to a
+        thread and back costs a setup about 0.35 ms; anything big goes to a thread, and so
+        does everything after an append that was slow (a disk), until one is fast again."""
+        started = timer()
+        if len(pending) <= INLINE_LINES and self._last_write < SLOW_WRITE:
+            self.write_pending(pending)
+        else:
+            await asyncio.to_thread(self.write_pending, pending)
+        self._last_write = timer() - started
+
+    async def _housekeeping(self, settled: Settled) -> None:
+        """Compact the journal when it has grown, and mark what the kernel now holds.
+
+        The marker is true when every record in the files is in the kernel: records of changes
+        made since the sync planned are still in memory, so it holds, unless a snapshot was
+        just written from a state that includes them. Compaction therefore waits for a quiet
+        moment (state unchanged since planning) unless the journal is far past its limit.
+        """
+        generation = settled.generation
+        if self.needs_compaction(settled.attachments, overdue=not settled.quiet):
+            records = settled.records()
+            if not settled.quiet:
+                generation = None
+            try:
+                await asyncio.to_thread(self.compact, records)
+            except OSError as exc:
+                # The old snapshot and journal still hold everything: only slower replays.
+                log.error("journal compaction failed, the journal keeps growing: %s", exc)
+                return
+        if generation is not None:
+            try:
+                self.write_marker(generation, settled.fingerprint)
+            except JournalError as exc:
+                # The kernel has the changes already; a missing marker costs the next
+                # start-up a listing of the table, no more.
+                log.warning("journal: sync marker not written: %s", exc)
 
     # ---- writing (on the loop or in a worker thread, one at a time) ------------------------------
 
