@@ -614,21 +614,76 @@ async def test_a_second_prefix_length_adds_a_set_and_rule_and_its_last_holder_re
 
 
 async def test_a_big_transaction_goes_in_batches_that_make_the_whole_table(
-    kernel: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Batches of 7 element changes here (20,000 in the daemon): the table is complete, the
-    generation moved once per batch, and the transaction still counts as exclusive."""
+    generation moved once per batch, and the transaction still counts as exclusive. The fake
+    runs the same batches."""
     monkeypatch.setattr(nft_module, "BATCH_ELEMENTS", 7)
     state = DesiredState()
     for n in range(2, 12):
         state.put(("net", f"c{n}", "eth0"), [f"198.18.7.{n}/24", f"2001:db8:7::{n}/64"])
-    before = await kernel.backend.generation()
+    before = await harness.backend.generation()
     tx = planner.plan(desired(state), TableState(None), table=TABLE, policy=POLICY)
     assert tx.recreate and tx.element_changes == 40
-    applied = await kernel.backend.apply(tx)
+    applied = await harness.backend.apply(tx)
     assert applied.commits == 6  # ceil(40 / 7) batches
     assert applied.generation == before + 6 and applied.exclusive_since(before)
-    assert kernel.dump() == dump_table(desired(state))
+    assert harness.dump() == dump_table(desired(state))
+
+
+async def test_a_failing_batch_leaves_the_batches_before_it_committed(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big transaction whose second batch fails (it creates an element that is there):
+    the first batch stays in the table, the failing batch and the ones after it change
+    nothing, and the generation moved once. The fake, fed the kernel's batches, agrees."""
+    monkeypatch.setattr(nft_module, "BATCH_ELEMENTS", 7)
+    state = DesiredState()
+    state.put(("net", "c1", "eth0"), ["198.18.7.1/24"])
+    await sync(harness, state)
+    mirror = harness.state()
+    for n in range(2, 12):
+        state.put(("net", f"c{n}", "eth0"), [f"198.18.7.{n}/24"])
+    tx = planner.plan(
+        desired(state), mirror, table=TABLE, policy=POLICY, touched=state.take_dirty()
+    )
+    assert not tx.recreate and tx.element_changes == 20
+    batches = [_created(json.loads(payload)) for payload in tx.batches(7)]
+    assert [len(b) for b in batches] == [7, 7, 6]
+    set_name, value = batches[1][0]
+    harness.run([{"add": {"element": _set_ref(set_name) | {"elem": [value]}}}])
+    before = await harness.backend.generation()
+    with pytest.raises(NftError) as raised:
+        await harness.backend.apply(tx)
+    assert raised.value.kind == "eexist"
+    assert await harness.backend.generation() == before + 1
+    held = harness.state().sets
+    for set_name, value in batches[0]:
+        assert _held(held, set_name, value)
+    for set_name, value in [*batches[1][1:], *batches[2]]:
+        assert not _held(held, set_name, value)
+
+
+def _set_ref(set_name: str) -> dict[str, Any]:
+    return {"family": "inet", "table": TABLE, "name": set_name}
+
+
+def _created(payload: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(set, element value) for each element a batch creates, in order."""
+    return [
+        (cmd["create"]["element"]["name"], value)
+        for cmd in payload["nftables"]
+        if "element" in cmd.get("create", {})
+        for value in cmd["create"]["element"]["elem"]
+    ]
+
+
+def _held(sets: dict[str, dict[str, Element]], set_name: str, value: Any) -> bool:
+    return all(
+        elem.key in sets.get(set_name, {})
+        for elem in ruleset.parse_elements(set_name, [value]).values()
+    )
 
 
 @pytest.mark.parametrize("char", ["a", "\u00e9"], ids=["ascii", "two-byte"])

@@ -1,15 +1,14 @@
 """An in-memory nftables for tests, with the kernel's semantics for what masqd does.
 
 `FakeBackend` implements `nft.Backend`. It runs exactly the bytes `KernelBackend` hands
-libnftables: `Transaction.batches(BATCH_ELEMENTS)`, each batch parsed as JSON and run all or
-nothing, so a mistake in that encoding fails the fake's tests too. It lists its table back in
-the kernel's JSON shape through `ruleset.parse_table`, the parser masqd uses on the real
-listing. What it
+libnftables, `Transaction.batches(nft.BATCH_ELEMENTS)`, each batch parsed as JSON, so a
+mistake in that encoding fails the fake's tests too. It lists its table back in the kernel's
+JSON shape through `ruleset.parse_table`, the parser masqd uses on the real listing. What it
 keeps faithful (each point checked against nftables 1.0.6 on a 6.x kernel, and by
 tests/test_nft_kernel.py, which runs the same scenarios on both):
 
 - a batch is all or nothing: any failing command leaves the table and the generation as
-  they were;
+  they were; the batches of a big transaction before a failing one stay committed;
 - the generation moves by one per commit that queued anything in the kernel; a batch of
   no-ops (re-adding elements or the table) leaves it alone, while re-adding an existing set
   or chain moves it although nothing changes;
@@ -38,7 +37,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from masqd.kernel.nft import BATCH_ELEMENTS, Applied, NftError, Observation, Stage
+from masqd.kernel import nft
+from masqd.kernel.nft import Applied, NftError, Observation, Stage
 from masqd.planning import ruleset
 from masqd.planning.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
 from masqd.planning.transaction import Transaction
@@ -118,7 +118,9 @@ class FakeBackend:
         commits = 0
         # The very bytes KernelBackend hands libnftables, batch by batch: each batch all or
         # nothing, and the ones before a failing batch stay committed, as in the kernel.
-        for payload in tx.batches(BATCH_ELEMENTS):
+        # (nft.BATCH_ELEMENTS read now: a test that makes the kernel's batches small makes
+        # the fake's small too.)
+        for payload in tx.batches(nft.BATCH_ELEMENTS):
             self._stage("commit")
             self.run_json(json.loads(payload))
             commits += 1
