@@ -23,6 +23,7 @@ from masqd.kernel import nft as nft_module
 from masqd.kernel.fake import FakeBackend, dump_table
 from masqd.kernel.nft import Backend, KernelBackend, NftError
 from masqd.planning import planner, ruleset
+from masqd.planning.desired import DesiredTables
 from masqd.planning.ruleset import SOURCES4, SOURCES6, Element, Policy, TableState
 from masqd.planning.transaction import Transaction
 from masqd.state.desired import DesiredState
@@ -101,8 +102,7 @@ async def pair() -> AsyncIterator[tuple[Harness, Harness]]:
 
 
 def desired(state: DesiredState, policy: Policy = POLICY) -> TableState:
-    sets = state.table_sets(policy)
-    return TableState(ruleset.desired_structure(policy, ruleset.local_order(sets)), sets)
+    return DesiredTables(policy).baseline(state.elements)
 
 
 def two_attachments() -> DesiredState:

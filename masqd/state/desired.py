@@ -24,9 +24,9 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 
 from masqd.models import AttachmentKeyT, key_problem
-from masqd.planning.desired import elements_for_owner, exempt_elements
+from masqd.planning.desired import elements_for_owner
 from masqd.planning.records import AttachmentRecord, address_subnet, cidrs_of
-from masqd.planning.ruleset import SOURCE_SETS, Element, Policy, local_family, sources_set
+from masqd.planning.ruleset import SOURCE_SETS, Element, local_family, sources_set
 from masqd.state.journal import Entry, Journal
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,6 @@ class DesiredState:
         if isinstance(held, tuple):
             return {held: self._subnet_of(held, address)}
         return dict(held)
-
-    def table_sets(self, policy: Policy) -> dict[str, dict[str, Element]]:
-        """The desired set elements, with the policy's exempt sets (no copy of the big sets)."""
-        sets = dict(self.elements)
-        sets.update(exempt_elements(policy))
-        return sets
 
     # ---- changes -------------------------------------------------------------------------
 
