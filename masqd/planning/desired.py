@@ -68,7 +68,7 @@ def desired_table(
 
     Every address held by at least one attachment is in its family's sources set; its local
     element carries the subnet of the most recently set-up holder (the highest `seq`), which
-    is also the owner its comments name. `state.DesiredState` maintains the same result
+    is also the owner its comments name. `state.desired.DesiredState` maintains the same result
     incrementally; tests prove the two agree.
     """
     deciding: dict[str, tuple[int, AttachmentKeyT, str]] = {}
