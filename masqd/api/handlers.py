@@ -141,9 +141,10 @@ def ok(payload: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
 
 
 class ApiError(Exception):
-    """A request answered with an error: `status` (4xx for the client's mistakes, 503 when the
-    kernel did not confirm in time or too much runs at once, 507 at --max-attachments), and
-    the JSON error body's message and details; `middleware` writes the answer."""
+    """A request answered with an error: `status` (4xx for the client's mistakes, 501 for an
+    adoption the backend cannot do, 503 when the kernel did not confirm in time or too much
+    runs at once, 507 at --max-attachments), and the JSON error body's message and details;
+    `middleware` writes the answer."""
 
     def __init__(
         self,
