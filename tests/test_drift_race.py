@@ -164,7 +164,7 @@ def _fake_commit(backend: FakeBackend, change: str, ours: str) -> Callable[[], N
         else:
             name = SOURCES4 if change == "sources4" else EXEMPT4
             ref = {"family": "inet", "table": TABLE, "name": name, "elem": [FOREIGN]}
-            backend.run_json({"nftables": [{"add": {"element": ref}}]})
+            backend.execute({"nftables": [{"add": {"element": ref}}]})
 
     return commit
 
@@ -244,7 +244,7 @@ async def test_a_foreign_commit_that_makes_ours_a_no_op_is_not_mistaken_for_ours
             def commit() -> None:
                 sources = {"family": "inet", "table": TABLE, "name": SOURCES4}
                 exempt = {"family": "inet", "table": TABLE, "name": EXEMPT4}
-                fake.run_json(
+                fake.execute(
                     {
                         "nftables": [
                             {"add": {"element": sources | {"elem": ["198.18.1.2"]}}},

@@ -55,7 +55,7 @@ class Harness:
         """A batch as a person would send it with `nft -j -f -`; NftError when refused."""
         payload = {"nftables": commands}
         if isinstance(self.backend, FakeBackend):
-            self.backend.run_json(payload)
+            self.backend.execute(payload)
             return
         assert self.ns is not None
         proc = nft(self.ns, "-j", "-f", "-", input=json.dumps(payload), check=False)

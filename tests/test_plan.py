@@ -321,16 +321,16 @@ def test_batches_applied_in_order_make_the_same_table_as_one_transaction(
     whole, batched = FakeBackend(table=TABLE), FakeBackend(table=TABLE)
     for fake in (whole, batched):  # the same starting table: none, then `first`'s
         start = planner.plan(desired_table(first, policy), fake.state(), table=TABLE, policy=policy)
-        fake.run_json(start.to_json())
+        fake.execute(start.to_json())
     tx = planner.plan(desired_table(second, policy), whole.state(), table=TABLE, policy=policy)
-    whole.run_json(json.loads(tx.encode()))
+    whole.execute(json.loads(tx.encode()))
     for batch in tx.batches(size):
         commands = json.loads(batch)["nftables"]
         elements = [
             c[verb]["element"]["elem"] for c in commands for verb in c if "element" in c[verb]
         ]
         assert sum(map(len, elements)) <= size
-        batched.run_json({"nftables": commands})
+        batched.execute({"nftables": commands})
     assert batched.dump() == whole.dump()
     assert same(whole.state(), desired_table(second, policy))
 

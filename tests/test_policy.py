@@ -274,7 +274,7 @@ async def test_diff_plans_against_a_fresh_listing_and_changes_nothing() -> None:
     assert (await rec.diff()).empty
 
     # Someone deletes our element behind the daemon's back: the mirror does not know.
-    fake.run_json(
+    fake.execute(
         {
             "nftables": [
                 {

@@ -26,7 +26,7 @@ stall the event loop for seconds, while walking the headers takes milliseconds. 
 supplies the protocol's constants.
 
 The socket must be opened in the network namespace whose ruleset it watches, so the backend
-opens it in its worker thread (`KernelBackend.open_event_socket`) and hands over the fd.
+opens it in its worker thread (`KernelBackend.subscribe`) and hands over the fd.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pyroute2.netlink import NETLINK_NETFILTER
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES
 from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWGEN, NFT_MSG_TRACE
+
+from masqd.kernel.backend import EventSink
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +164,6 @@ def open_event_socket() -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-class EventSink(Protocol):
-    """What the watcher tells (the reconciler)."""
-
-    def table_changed(self, generation: int | None) -> None: ...
-
-    def other_tables_changed(self, generation: int) -> bool: ...
-
-    def events_lost(self) -> None: ...
 
 
 @dataclass

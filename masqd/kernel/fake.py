@@ -1,6 +1,6 @@
 """An in-memory nftables for tests, with the kernel's semantics for what masqd does.
 
-`FakeBackend` implements `nft.Backend`. It runs exactly the bytes `KernelBackend` hands
+`FakeBackend` implements `backend.Backend`. It runs exactly the bytes `KernelBackend` hands
 libnftables, `Transaction.batches(nft.BATCH_ELEMENTS)`, each batch parsed as JSON, so a
 mistake in that encoding fails the fake's tests too. It lists its table back in the kernel's
 JSON shape through `ruleset.parse_table`, the parser masqd uses on the real listing. What it
@@ -38,7 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from masqd.kernel import nft
-from masqd.kernel.nft import Applied, NftError, Observation, Stage
+from masqd.kernel.backend import (
+    Applied,
+    EventSink,
+    EventSource,
+    NftError,
+    Observation,
+    Stage,
+)
 from masqd.planning import ruleset
 from masqd.planning.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
 from masqd.planning.transaction import Transaction
@@ -83,7 +90,7 @@ class _Table:
 
 
 class FakeBackend:
-    """`nft.Backend` over an in-memory table named `table` (family inet)."""
+    """`backend.Backend` over an in-memory table named `table` (family inet)."""
 
     def __init__(self, *, table: str = "masqd") -> None:
         self.table = table
@@ -96,6 +103,8 @@ class FakeBackend:
         self.closed = False
         self._failures: list[str] = []
         self.stage: Stage | None = None  # called at the points KernelBackend calls it
+        self.no_events = False  # `subscribe` fails, as without the kernel's event socket
+        self._events: FakeEvents | None = None
 
     # ---- Backend -------------------------------------------------------------------------
 
@@ -122,7 +131,7 @@ class FakeBackend:
         # the fake's small too.)
         for payload in tx.batches(nft.BATCH_ELEMENTS):
             self._stage("commit")
-            self.run_json(json.loads(payload))
+            self.execute(json.loads(payload))
             commits += 1
         self.applied.append(tx)
         return Applied(self._generation, before, commits)
@@ -161,18 +170,47 @@ class FakeBackend:
 
     # ---- running nftables JSON (all or nothing) ------------------------------------------
 
-    def run_json(self, payload: dict[str, Any]) -> None:
+    def execute(self, payload: dict[str, Any]) -> None:
         """Run a JSON batch as the kernel would: every command, or none of them."""
         work = {name: t.copy() for name, t in self._tables.items()}
         changed = False
+        touched: set[str] = set()
         for cmd in payload["nftables"]:
             if len(cmd) != 1:
                 raise NftError(f"Error: malformed command {cmd!r}")
             ((verb, obj),) = cmd.items()
             changed |= self._command(work, verb, obj)
+            touched.add(_table_named(obj))
         if changed:
             self._tables = work
             self._generation += 1
+            if self._events is not None:
+                self._events.committed(self._generation, self.table in touched)
+
+    async def run_json(self, payload: dict[str, Any]) -> str:
+        """`Backend.run_json`: a batch of changes (`execute`), or one `list table` command,
+        answered as nftables does (ENOENT for a table that is not there)."""
+        self._check_open()
+        await asyncio.sleep(0)
+        commands = payload.get("nftables")
+        if isinstance(commands, list) and len(commands) == 1 and "list" in commands[0]:
+            spec = commands[0]["list"].get("table", {})
+            name = spec.get("name") if isinstance(spec, dict) else None
+            if not isinstance(name, str) or name not in self._tables:
+                raise NftError(f"{ENOENT} (list table inet {name})")
+            return json.dumps({"nftables": self.listing(name)})
+        self.execute(payload)
+        return ""
+
+    async def subscribe(self, sink: EventSink) -> EventSource:
+        """`Backend.subscribe`: every commit from then on is told to `sink`, in memory, with
+        the kernel's meaning (see `FakeEvents`). `no_events` makes it fail as a kernel
+        without the event socket would."""
+        self._check_open()
+        if self.no_events:
+            raise OSError("the fake has no events (no_events is set)")
+        self._events = FakeEvents(sink)
+        return self._events
 
     def _command(self, work: dict[str, _Table], verb: str, obj: dict[str, Any]) -> bool:
         """One command on the working copy; True when the kernel would queue a transaction
@@ -347,38 +385,39 @@ class FakeBackend:
 
     # ---- listing -------------------------------------------------------------------------
 
-    def listing(self) -> list[dict[str, Any]]:
-        """The table in the shape `nft -j list table inet <table>` gives (no metainfo)."""
-        table = self._tables.get(self.table)
+    def listing(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Table `name` (masqd's by default) in the shape `nft -j list table inet <name>`
+        gives (no metainfo); empty when it is not there."""
+        name = self.table if name is None else name
+        table = self._tables.get(name)
         if table is None:
             return []
-        head: dict[str, Any] = {"family": "inet", "name": self.table}
+        head: dict[str, Any] = {"family": "inet", "name": name}
         if table.flags:
             head["flags"] = list(table.flags)
         out: list[dict[str, Any]] = [{"table": head}]
-        for name, s in table.sets.items():
+        for set_name, s in table.sets.items():
             spec: dict[str, Any] = {
                 "family": "inet",
-                "name": name,
-                "table": self.table,
+                "name": set_name,
+                "table": name,
                 "type": s.type,
             }
             if s.flags:
                 spec["flags"] = list(s.flags)
             elems = (
-                [ruleset.element_json(name, e) for e in s.elements]
-                if _ours(name, s)
+                [ruleset.element_json(set_name, e) for e in s.elements]
+                if _ours(set_name, s)
                 else list(s.raw)
             )
             if elems:
                 spec["elem"] = elems
             out.append({"set": spec})
-        for name, c in table.chains.items():
-            out.append({"chain": {"family": "inet", "table": self.table, "name": name, **c.spec}})
+        for chain, c in table.chains.items():
+            out.append({"chain": {"family": "inet", "table": name, "name": chain, **c.spec}})
             for expr in c.rules:
-                out.append(
-                    {"rule": {"family": "inet", "table": self.table, "chain": name, "expr": expr}}
-                )
+                rule = {"family": "inet", "table": name, "chain": chain, "expr": expr}
+                out.append({"rule": rule})
         return out
 
     def state(self) -> TableState:
@@ -390,7 +429,7 @@ class FakeBackend:
     # ---- tampering: what a person with `nft` might do ------------------------------------
 
     def _tamper(self, *commands: dict[str, Any]) -> None:
-        self.run_json({"nftables": list(commands)})
+        self.execute({"nftables": list(commands)})
 
     def delete_element(self, set_name: str, key: str) -> None:
         """`nft delete element inet <table> <set> { key }`: the element stored under `key`."""
@@ -440,6 +479,71 @@ class FakeBackend:
 #   so the same address with another network address is another element.
 # exempt: an interval set that nft 1.0.6 itself keeps free of overlaps, and whose deletes
 #   must name an interval exactly.
+
+
+def _table_named(obj: dict[str, Any]) -> str:
+    """The table a command's object is in (a table command's own name)."""
+    ((kind, spec),) = obj.items()
+    name = spec.get("name") if kind == "table" else spec.get("table")
+    return name if isinstance(name, str) else ""
+
+
+class FakeEvents:
+    """The fake's `EventSource`: each commit is queued as the kernel multicasts a batch, and
+    handed to the sink on the loop (`pump`, as `EventWatcher` reads its socket). While
+    paused, commits are not seen at all, as after leaving the kernel's event group."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._queued: list[tuple[int, bool]] = []
+        self._wake = asyncio.Event()
+        self._paused = False
+        self._running = False
+        self.batches = 0
+        self.table_batches = 0
+        self.listings_skipped = 0
+
+    def committed(self, generation: int, touches_table: bool) -> None:
+        if self._paused:
+            return
+        self._queued.append((generation, touches_table))
+        self._wake.set()
+
+    async def run(self) -> None:
+        self._running = True
+        try:
+            while True:
+                self.pump()
+                await self._wake.wait()
+                self._wake.clear()
+        finally:
+            self._running = False
+
+    def pump(self) -> None:
+        queued, self._queued = self._queued, []
+        for generation, touches_table in queued:
+            self.batches += 1
+            if touches_table:
+                self.table_batches += 1
+                self._sink.table_changed(generation)
+            elif self._sink.other_tables_changed(generation):
+                self.listings_skipped += 1
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self.pump()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "subscribed": self._running,
+            "batches": self.batches,
+            "table_batches": self.table_batches,
+            "listings_skipped": self.listings_skipped,
+            "overflows": 0,
+        }
 
 
 def _ours(set_name: str, s: _Set) -> bool:

@@ -1,7 +1,7 @@
 """The only module that talks to nftables.
 
-`Backend` is the seam: `observe` the table, `apply` a transaction, read the ruleset
-`generation`. `KernelBackend` implements it with:
+`KernelBackend` implements the seam, `backend.Backend` (`observe` the table, `apply` a
+transaction, read the ruleset `generation`, `subscribe` to events, `run_json`) with:
 - libnftables, loaded in-process with ctypes, fed nftables JSON (never text with values
   pasted in). The `nft` binary is kept as a fallback runner (`NftCli`) for hosts without the
   library and as the reference in tests; `bench/` measures both (libnftables is several times
@@ -33,14 +33,17 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from masqd.kernel import events
+from masqd.kernel.backend import Applied as Applied
+from masqd.kernel.backend import Backend as Backend
+from masqd.kernel.backend import EventSink, EventSource
+from masqd.kernel.backend import NftError as NftError
+from masqd.kernel.backend import Observation as Observation
+from masqd.kernel.backend import Stage as Stage
 from masqd.kernel.memory import release_heap
 from masqd.planning import ruleset
-from masqd.planning.ruleset import TableState
 from masqd.planning.transaction import Transaction
 
 log = logging.getLogger(__name__)
@@ -53,73 +56,6 @@ BIG_TRANSACTION = 10_000  # element changes
 BATCH_ELEMENTS = 20_000
 # Transactions up to this many element changes run on the caller's thread (see KernelBackend).
 INLINE_TRANSACTION = 64
-
-
-class NftError(Exception):
-    """nftables refused a command. `kind` classifies it: 'enoent', 'eexist', 'other'."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        lowered = message.lower()
-        if "no such file or directory" in lowered:
-            self.kind = "enoent"
-        elif "file exists" in lowered:
-            self.kind = "eexist"
-        else:
-            self.kind = "other"
-
-
-@dataclass(frozen=True)
-class Observation:
-    table: TableState
-    generation: int
-
-
-@dataclass(frozen=True)
-class Applied:
-    """What a commit of ours did to the ruleset generation.
-
-    `before` was read just before the first batch, `generation` just after the last; each of
-    our `commits` (batches) moved it by one.
-    """
-
-    generation: int
-    before: int
-    commits: int
-
-    def exclusive_since(self, basis: int | None) -> bool:
-        """True when nothing but this transaction committed since generation `basis`: the one
-        the plan was made from (a listing's, or the mirror's known one). Only then is the
-        mirror plus this transaction exactly what the kernel holds.
-
-        Judging from `before` alone misses a commit that landed between the listing and
-        `before` (issue 14). `before == basis` is checked as well as the sum: a batch of ours
-        that changed nothing (adding what is there) moves no generation, and would otherwise
-        hide a foreign commit of one.
-        """
-        return (
-            basis is not None and self.before == basis and self.generation == basis + self.commits
-        )
-
-
-# Called by a backend at fixed points of its work, with the point's name, so that tests can
-# commit something of their own exactly there (tests/test_drift_race.py): "observe" before a
-# listing, "listed" after it (the window between a listing and the commit planned from it),
-# "commit" just before each batch of a transaction (after the generation read before it).
-Stage = Callable[[str], None]
-
-
-class Backend(Protocol):
-    async def observe(self) -> Observation: ...
-
-    async def apply(self, tx: Transaction) -> Applied: ...
-
-    async def generation(self) -> int: ...
-
-    async def open(self) -> None:
-        """Open what the backend talks to the kernel through, before any listener accepts."""
-
-    async def close(self) -> None: ...
 
 
 # ---- runners: how a JSON batch reaches nftables -----------------------------------------
@@ -460,6 +396,10 @@ class KernelBackend:
         """A socket subscribed to the nftables events of the backend's namespace (`events`)."""
         result: socket.socket = await self._call(lambda _: events.open_event_socket())
         return result
+
+    async def subscribe(self, sink: EventSink) -> EventSource:
+        """The nftables event socket of the backend's namespace, read by an `EventWatcher`."""
+        return events.EventWatcher(await self.open_event_socket(), table=self.table, sink=sink)
 
     async def run_json(self, payload: dict[str, Any]) -> str:
         """Run an arbitrary JSON batch (cleanup, adoption of other tables)."""
