@@ -37,7 +37,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def available() -> bool:
     """Whether the daemon has landed in this tree (the harness runs without it too)."""
-    return MASQD.exists() and (REPO_ROOT / "masqd" / "daemon.py").exists()
+    return MASQD.exists() and (REPO_ROOT / "masqd" / "daemon" / "main.py").exists()
 
 
 class DaemonError(RuntimeError):
@@ -277,7 +277,7 @@ def state_parent() -> str | None:
 def running(extra_args: tuple[str, ...] = ()) -> Iterator[Daemon]:
     """A started daemon in a fresh namespace; stopped and cleaned up afterwards."""
     if not available():
-        raise DaemonError("masqd is not installed in .venv yet (masqd/daemon.py missing)")
+        raise DaemonError("masqd is not installed in .venv yet (masqd/daemon/main.py missing)")
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-", dir=state_parent()))
     try:
         with netns("bench") as ns:

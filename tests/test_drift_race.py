@@ -303,7 +303,7 @@ async def test_a_start_that_finds_its_own_unmarked_transaction_counts_no_drift(
     if foreign:
         _fake_commit(backend, "exempt4", "")()
 
-    # The restart: replay up to the marker, seed, replay the rest (as Daemon.load_journal).
+    # The restart: replay up to the marker, seed, replay the rest (as daemon.restore.load_journal).
     state = DesiredState()
     state.put(a, ["198.18.1.2/24"])
     state.take_dirty()

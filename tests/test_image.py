@@ -51,7 +51,7 @@ def context_files(dockerignore: Path = DOCKERIGNORE) -> list[Path]:
 
 def test_the_cache_key_covers_what_the_build_copies() -> None:
     names = {str(p.relative_to(REPO)) for p in context_files()}
-    assert {"deploy/Dockerfile", "pyproject.toml", "masqd/daemon.py"} <= names
+    assert {"deploy/Dockerfile", "pyproject.toml", "masqd/daemon/main.py"} <= names
     assert {"deploy/image/install-cni.sh", "deploy/image/build-image.sh"} <= names
     assert not [n for n in names if n.startswith(("tests/", ".venv/")) or "__pycache__" in n]
 

@@ -52,7 +52,7 @@ class DesiredState:
         self._seq = 0
         self._journal = journal
         # Keys whose last journal record replayed is a delete: adoption must not bring them
-        # back from the table (see `daemon.Daemon.recover_from_table`).
+        # back from the table (see `daemon.restore.recover_from_table`).
         self.replayed_deletes: set[AttachmentKeyT] = set()
 
     # ---- reads ---------------------------------------------------------------------------

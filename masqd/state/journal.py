@@ -22,7 +22,7 @@ number written (rewritten in place after each append; not fsynced, as a lag only
 adoption). The loader says a journal is complete (`Loaded.complete`) only when every line
 reads, the numbers run without a gap from the snapshot's `next` on, and the last one is the
 one `attachments.end` names. Otherwise the daemon adopts from the kernel's table what the
-journal does not name (see `daemon.Daemon.recover_from_table`).
+journal does not name (see `daemon.restore.recover_from_table`).
 
 Older journals (records without `n`, no end file) are read as before, and complete when they
 hold at least one line, every line reads, and the journal's last line is a sync marker; the

@@ -1,0 +1,5 @@
+"""`python -m masqd.daemon`: the same as the `masqd` command."""
+
+from masqd.daemon.main import main
+
+main()
