@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from masqd.kernel.nft import NftError
+from masqd.kernel.backend import NftError
 from masqd.models import AttachmentKey, AttachmentKeyT, AttachmentSpec, comment_problem
 from masqd.planning import ruleset
 from masqd.reconcile.errors import SyncUnavailable, kernel_boundary

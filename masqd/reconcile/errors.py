@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from masqd.kernel.nft import NftError
+from masqd.kernel.backend import NftError
 
 
 class ReconcileError(Exception):

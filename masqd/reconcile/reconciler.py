@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from masqd.kernel.nft import Backend
+from masqd.kernel.backend import Backend
 from masqd.metrics import Metrics
 from masqd.planning import planner, ruleset
 from masqd.planning.desired import DesiredTables

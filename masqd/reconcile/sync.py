@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from masqd.kernel.nft import Applied, Backend, NftError
+from masqd.kernel.backend import Applied, Backend, NftError
 from masqd.metrics import Metrics
 from masqd.planning import planner
 from masqd.planning.desired import DesiredTables

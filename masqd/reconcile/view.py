@@ -23,7 +23,7 @@ import asyncio
 import logging
 from typing import Protocol
 
-from masqd.kernel.nft import Applied, Backend
+from masqd.kernel.backend import Applied, Backend
 from masqd.planning import ruleset
 from masqd.planning.ruleset import TableState
 from masqd.reconcile.errors import kernel_boundary
