@@ -365,7 +365,8 @@ async def test_foreign_commits_racing_syncs_are_repaired_within_a_quarter_second
         # No generation poll: every repair must come from the events or from the
         # reconciler's own judgment of its commit, not from the fallback.
         reconciler = _reconciler(state, backend, poll=3600)
-        watcher = EventWatcher(await backend.open_event_socket(), table=TABLE, sink=reconciler)
+        watcher = await backend.subscribe(reconciler)
+        assert isinstance(watcher, EventWatcher)
         reconciler.events = watcher
         state.put(("net", "base", "eth0"), ["198.18.99.2/24"])
         times: list[tuple[float, str]] = []

@@ -205,8 +205,9 @@ async def rig(*, events: bool = True, poll: float = 3600.0) -> AsyncIterator[Rig
         watcher = None
         async with asyncio.TaskGroup() as tasks:
             if events:
-                sock = await backend.open_event_socket()
-                watcher = EventWatcher(sock, table=TABLE, sink=reconciler)
+                # Through the backend, which pauses it around its whole-table transactions.
+                watcher = await backend.subscribe(reconciler)
+                assert isinstance(watcher, EventWatcher)
                 reconciler.events = watcher
                 watch = tasks.create_task(watcher.run())
             run = tasks.create_task(reconciler.run())
@@ -353,8 +354,8 @@ async def test_the_generation_poll_reads_waiting_events_before_listing() -> None
     then costs no listing either."""
     with netns("ev") as ns:
         backend, _, reconciler = _reconciler(ns, poll=0.02)
-        sock = await backend.open_event_socket()
-        watcher = EventWatcher(sock, table=TABLE, sink=reconciler)
+        watcher = await backend.subscribe(reconciler)
+        assert isinstance(watcher, EventWatcher)
         reconciler.events = watcher
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -379,5 +380,5 @@ async def test_the_generation_poll_reads_waiting_events_before_listing() -> None
                 run.cancel()
                 poller.cancel()
         finally:
-            sock.close()
+            watcher._sock.close()
             await backend.close()

@@ -194,10 +194,10 @@ class EventWatcher:
                 self._broken.set_exception(exc)
 
     def pause(self) -> None:
-        """Leave the event group, for the reconciler's own whole-table transactions: their
+        """Leave the event group, for the backend's own whole-table transactions: their
         echo is one message per element (400,000 at 100,000 attachments), which took the
-        event loop seconds to read and the kernel a second to send. The reconciler checks
-        the generation after `resume` instead."""
+        event loop seconds to read and the kernel a second to send. The backend checks the
+        generation after `resume` instead (`backend.paused_events`)."""
         try:
             self._sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
         except OSError as exc:

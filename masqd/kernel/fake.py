@@ -45,6 +45,7 @@ from masqd.kernel.backend import (
     NftError,
     Observation,
     Stage,
+    paused_events,
 )
 from masqd.planning import ruleset
 from masqd.planning.ruleset import EXEMPT_SETS, Element, TableState, is_local_set, is_our_set
@@ -118,6 +119,10 @@ class FakeBackend:
         return observation
 
     async def apply(self, tx: Transaction) -> Applied:
+        """Commit `tx` as KernelBackend does, a whole-table one with events paused."""
+        return await paused_events(self._events, tx, lambda: self._commit(tx), self.generation)
+
+    async def _commit(self, tx: Transaction) -> Applied:
         self._check_open()
         self.attempts += 1
         await asyncio.sleep(self.apply_delay)

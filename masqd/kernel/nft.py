@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from masqd.kernel import events
 from masqd.kernel.backend import Applied as Applied
 from masqd.kernel.backend import Backend as Backend
-from masqd.kernel.backend import EventSink, EventSource
+from masqd.kernel.backend import EventSink, EventSource, paused_events
 from masqd.kernel.backend import NftError as NftError
 from masqd.kernel.backend import Observation as Observation
 from masqd.kernel.backend import Stage as Stage
@@ -303,6 +303,7 @@ class KernelBackend:
         self._worker = _Channel(runner)
         self._inline = _Channel(runner) if netns is None and runner == "lib" else None
         self.stage: Stage | None = None  # tests only; runs on the thread doing the work
+        self._events: EventSource | None = None  # the last `subscribe`'s
 
     def _init_thread(self) -> None:
         if self._netns:
@@ -380,6 +381,11 @@ class KernelBackend:
         return result
 
     async def apply(self, tx: Transaction) -> Applied:
+        """Commit `tx`; a whole-table one with the event subscription paused (see
+        `backend.paused_events`)."""
+        return await paused_events(self._events, tx, lambda: self._commit(tx), self.generation)
+
+    async def _commit(self, tx: Transaction) -> Applied:
         small = not tx.recreate and tx.element_changes <= INLINE_TRANSACTION
         if small and self._inline is not None:
             return self._apply(tx, self._inline)
@@ -398,8 +404,12 @@ class KernelBackend:
         return result
 
     async def subscribe(self, sink: EventSink) -> EventSource:
-        """The nftables event socket of the backend's namespace, read by an `EventWatcher`."""
-        return events.EventWatcher(await self.open_event_socket(), table=self.table, sink=sink)
+        """The nftables event socket of the backend's namespace, read by an `EventWatcher`;
+        the backend pauses it around its own whole-table transactions."""
+        self._events = events.EventWatcher(
+            await self.open_event_socket(), table=self.table, sink=sink
+        )
+        return self._events
 
     async def run_json(self, payload: dict[str, Any]) -> str:
         """Run an arbitrary JSON batch (cleanup, adoption of other tables)."""

@@ -20,12 +20,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from masqd.kernel.backend import Applied, Backend, NftError
+from masqd.kernel.backend import Backend, NftError
 from masqd.metrics import Metrics
 from masqd.planning import planner
 from masqd.planning.desired import DesiredTables
 from masqd.planning.ruleset import Policy, TableState
-from masqd.planning.transaction import Transaction
 from masqd.reconcile.barrier import AppliedBarrier
 from masqd.reconcile.runner import Reason, SyncRunner, Trigger
 from masqd.reconcile.stats import SyncStats
@@ -141,7 +140,11 @@ class SyncStep:
         # Durable before the kernel has it: an acknowledged change survives a crash.
         async with self._journal_cycle() as cycle:
             if not tx.empty:
-                applied = await self._apply(tx)
+                applied = await p.backend.apply(tx)
+                if applied.missed_events:
+                    # Made with events paused (a whole-table transaction), and something
+                    # committed before they were back: no event will say what.
+                    p.runner.request_full(Reason.PAUSED_EVENTS)
                 assert desired.structure is not None
                 planner.simulate_in_place(tx, mirror, desired_structure=desired.structure)
                 view.committed(applied, basis)
@@ -166,21 +169,6 @@ class SyncStep:
     def _journal_cycle(self) -> contextlib.AbstractAsyncContextManager[Cycle]:
         journal = self._p.journal
         return journal.cycle(self._timer) if journal is not None else _no_journal()
-
-    async def _apply(self, tx: Transaction) -> Applied:
-        """Apply `tx`; a whole-table one with the event group left (see the module's doc)."""
-        p = self._p
-        events = p.view.events if tx.recreate else None
-        if events is None:
-            return await p.backend.apply(tx)
-        events.pause()
-        try:
-            applied = await p.backend.apply(tx)
-        finally:
-            events.resume()
-        if await p.backend.generation() != applied.generation:
-            p.runner.request_full(Reason.PAUSED_EVENTS)
-        return applied
 
     def _succeeded(self, version: int) -> None:
         p = self._p

@@ -37,10 +37,6 @@ class EventControl(Protocol):
 
     def pump(self) -> None: ...
 
-    def pause(self) -> None: ...
-
-    def resume(self) -> None: ...
-
 
 class KernelView:
     def __init__(self, backend: Backend, table: str, runner: SyncRunner) -> None:
