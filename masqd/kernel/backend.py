@@ -5,7 +5,9 @@
 ruleset generation, a backend offers the two capabilities the daemon used to type-check the
 kernel backend for:
 - `subscribe(sink)`: an `EventSource` that tells `sink` about committed batches (the kernel's
-  nftables event socket, see `events`; the fake's commits, in memory);
+  nftables event socket, see `events`; the fake's commits, in memory). A backend pauses its
+  own subscription around its whole-table transactions (`paused_events`), and says in
+  `Applied.missed_events` when something committed before it was back;
 - `run_json(payload)`: run any nftables JSON batch and answer its JSON output, which the
   migration of the CNI plugins' legacy rules (`migrate`) lists and deletes with.
 

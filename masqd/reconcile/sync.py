@@ -7,6 +7,11 @@ Two kinds of sync:
   everything, and trust the listing as the new mirror. A full sync that finds the kernel
   differing from what masqd last wrote counts a drift repair.
 
+The journal's part (records durable before the kernel has the change, put back if the sync
+fails, compaction and the marker afterwards) is `Journal.cycle`. The event pause around a
+whole-table transaction is the backend's (`backend.paused_events`); when it says a change
+slipped by unseen (`Applied.missed_events`), the sync asks for a full one.
+
 A kernel error never escapes: it is logged and counted, waiters keep waiting (bounded by
 their own timeout, see `barrier`), readiness goes false, and the runner schedules a full sync
 after a backoff (see `runner`).
