@@ -146,7 +146,8 @@ class FakeBackend:
         return self._generation
 
     async def open(self) -> None:
-        pass  # no sockets
+        # No sockets. A closed fake opens again: the same kernel, for a restarted daemon.
+        self.closed = False
 
     async def close(self) -> None:
         self.closed = True
