@@ -8,6 +8,7 @@ to the report, since that is usually where the reason is.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -27,6 +28,16 @@ settings.register_profile(
     "masqd", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile("masqd")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # looptime (fake loop time, see README "Timing tests") asks the event loop policy for the
+    # current loop before every test, sync ones included (pytest-asyncio's `event_loop_policy`
+    # fixture is autouse). Until set_event_loop() has been called once, the policy answers
+    # that on the main thread by creating a loop, which nobody closes: collected later, it
+    # fails some unrelated test with "unclosed event loop" (filterwarnings = error). Having
+    # called it, the policy answers "no current loop" instead, which looptime expects.
+    asyncio.set_event_loop(None)
 
 
 def _kernel_unavailable() -> str | None:
