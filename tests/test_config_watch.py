@@ -1,7 +1,9 @@
 """Config files are watched: a ConfigMap update (the kubelet's `..data` symlink swap), an
 editor's rename-over or a plain write is applied like SIGHUP, an invalid file is refused once.
 
-The watcher's tests run real inotify on a temporary directory (no root needed); the daemon's
+The watcher's tests run real inotify on a temporary directory (no root needed), on fake loop
+time (looptime: the settle and quiet periods take no real time and cannot be stretched by a
+busy machine; inotify's events are queued by the time the write returns); the daemon's
 run the installed masqd in a throwaway namespace and read the kernel's exempt sets, from
 the moment the kubelet-style swap is made to the moment the kernel holds the new policy.
 """
@@ -24,6 +26,8 @@ from tests.conftest import DaemonFactory
 from tests.daemon import MasqdProcess, kernel_table
 from tests.netns import ns_run
 from tests.test_policy import start_daemon
+
+pytestmark = pytest.mark.looptime  # the async tests; the daemon's (sync) ones run on real time
 
 WAIT = 10.0  # generous: a busy CI machine; the measured latency is printed and far lower
 

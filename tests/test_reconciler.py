@@ -1,7 +1,8 @@
 """The reconciler on the fake backend: coalescing, failure and recovery, stale mirrors, drift.
 
-Real asyncio time, kept short: backoff starts at 0.1 s, so every test here ends in well
-under a second or two.
+On fake loop time (looptime): the backoff, the periodic resync, the generation poll and the
+fake's apply delay run on the loop's clock, which jumps to the next timer whenever every
+task waits, so the gaps measured here are exact however busy the machine is.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from masqd.reconcile.errors import SyncUnavailable
 from masqd.reconcile.reconciler import Reconciler
 from masqd.state.desired import DesiredState
 from masqd.state.journal import Journal
+
+pytestmark = pytest.mark.looptime
 
 TABLE = "masqd"
 POLICY = Policy()

@@ -140,6 +140,7 @@ def test_watchdog_interval_needs_a_socket() -> None:
     assert Notifier(environ={"WATCHDOG_USEC": "2000000"}).watchdog_interval() is None
 
 
+@pytest.mark.looptime  # fake loop time: the sleeps below take no real time, and are exact
 async def test_watchdog_loop_pings_at_half_interval_only_while_healthy(notify_path: str) -> None:
     healthy = True
     with receiver(notify_path) as sock:
@@ -163,6 +164,7 @@ async def test_watchdog_loop_pings_at_half_interval_only_while_healthy(notify_pa
         notifier.close()
 
 
+@pytest.mark.looptime
 async def test_watchdog_loop_returns_at_once_without_a_watchdog(notify_path: str) -> None:
     notifier = Notifier(environ={"NOTIFY_SOCKET": notify_path})
     await asyncio.wait_for(watchdog_loop(notifier, lambda: True), timeout=1.0)

@@ -90,30 +90,35 @@ class SyncRunner:
         self._next_resync = asyncio.get_running_loop().time() + self.resync_interval
 
     async def wait(self) -> None:
-        """Return once a sync is due."""
+        """Return once a sync is due.
+
+        A timer that fired means its deadline has come; the clock is not compared with it
+        again. asyncio runs a timer up to its clock resolution early, so the clock read then
+        may be a hair short of the deadline, and a fake clock (the tests'), which moves only
+        while the loop waits, would stay short of it for ever: a busy loop of tiny sleeps.
+        """
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
             if self._retry_at is not None:
-                if now >= self._retry_at:
-                    return
-                # Backing off: new requests wait for the retry, which will carry them.
-                await asyncio.sleep(self._retry_at - now)
-                continue
+                if now < self._retry_at:
+                    # Backing off: new requests wait for the retry, which will carry them.
+                    await asyncio.sleep(self._retry_at - now)
+                return
             if self._full_needed or self._wake.is_set():
                 earliest = self._earliest_start()
-                if now >= earliest:
-                    return
-                await asyncio.sleep(earliest - now)
-                continue
-            if now >= self._next_resync:
-                self._full_needed, self._full_reason = True, Reason.RESYNC
+                if now < earliest:
+                    await asyncio.sleep(earliest - now)
                 return
-            try:
-                async with asyncio.timeout(self._next_resync - now):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            if now < self._next_resync:
+                try:
+                    async with asyncio.timeout(self._next_resync - now):
+                        await self._wake.wait()
+                    continue  # woken: a sync is due, unless min_interval holds it back
+                except TimeoutError:
+                    pass
+            self._full_needed, self._full_reason = True, Reason.RESYNC
+            return
 
     def _earliest_start(self) -> float:
         if self._last_start is None:
