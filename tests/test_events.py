@@ -152,13 +152,19 @@ async def test_kernel_events_parse_as_expected() -> None:
 
 
 class CountingBackend(KernelBackend):
-    """Counts listings, so tests can tell when the reconciler listed the table."""
+    """Counts listings and generation reads, so tests can tell when the reconciler listed
+    the table and how often its poll looked."""
 
     listings = 0
+    generation_reads = 0
 
     async def observe(self) -> Observation:
         self.listings += 1
         return await super().observe()
+
+    async def generation(self) -> int:
+        self.generation_reads += 1
+        return await super().generation()
 
 
 @dataclass
@@ -172,6 +178,17 @@ class Rig:
     async def setup(self, n: int) -> None:
         self.state.put(("net", f"c{n}", "eth0"), [f"198.18.60.{n}/24"])
         await self.reconciler.wait_applied(self.reconciler.request(), 5)
+
+    async def settled(self) -> None:
+        """Every event the kernel has queued read and judged, then one more sync done: a
+        wrongly judged echo asks for a full sync (a listing), which that sync would be, or
+        follow. The barrier for "nothing else happened", in place of a sleep. The kernel
+        queues a commit's events before the commit returns, so none is still on its way."""
+        assert self.watcher is not None
+        self.watcher.pump()
+        synced = asyncio.ensure_future(self.reconciler.wait_synced())
+        self.reconciler.request()  # nothing changed: a partial sync that lists nothing
+        await asyncio.wait_for(synced, 5)
 
     async def until(self, condition: Callable[[], Awaitable[bool]]) -> float:
         """Seconds until `condition` holds (at most 5)."""
@@ -245,7 +262,7 @@ async def test_own_transactions_cause_no_listing() -> None:
         listings = r.backend.listings
         for n in range(1, 21):
             await r.setup(n)
-        await asyncio.sleep(0.05)  # let any echo be judged
+        await r.settled()  # every echo judged
         assert r.backend.listings == listings
         assert r.reconciler.stats.full == 1  # the start-up sync only
         assert r.watcher is not None and r.watcher.stats.table_batches >= 20
@@ -290,7 +307,7 @@ async def test_whole_table_transactions_are_made_with_events_paused() -> None:
         )
         nft(r.ns, "delete", "table", "inet", TABLE)
         await r.until(lambda: _true(r.reconciler.stats.drift_repairs == 1))
-        await asyncio.sleep(0.1)  # time for any echo to arrive and be judged
+        await r.settled()  # any echo read and judged
         assert r.watcher.stats.batches == batches + 1  # the deletion
         assert r.backend.listings == listings + 1  # the repair's own listing, nothing after
         assert r.reconciler.stats.full == full + 1
@@ -368,7 +385,10 @@ async def test_the_generation_poll_reads_waiting_events_before_listing() -> None
                 while reconciler.status()["generation"] != await backend.generation():
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.01)
-                await asyncio.sleep(0.1)  # a few more polls
+                polled = backend.generation_reads
+                while backend.generation_reads < polled + 5:  # a few more polls
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
                 assert backend.listings == listings
                 assert watcher.stats.listings_skipped == 1
                 # Without events to explain it, a move is checked with a listing.

@@ -89,11 +89,17 @@ def log_has(d: MasqdProcess, text: str) -> bool:
 
 
 def start_daemon(
-    daemon_factory: DaemonFactory, *, ns: str | None = None, extra_args: Sequence[str] = ()
+    daemon_factory: DaemonFactory,
+    *,
+    ns: str | None = None,
+    extra_args: Sequence[str] = (),
+    resync_interval: float = 60.0,
 ) -> MasqdProcess:
     """A ready daemon. Until it listens, tests.daemon's readiness poll drops sockets whose
     connect failed without closing them; their ResourceWarnings are not about masqd."""
-    d = daemon_factory(ns=ns, start=False, extra_args=list(extra_args))
+    d = daemon_factory(
+        ns=ns, start=False, extra_args=list(extra_args), resync_interval=resync_interval
+    )
     d.start(wait=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
@@ -126,9 +132,14 @@ def topo() -> Iterator[Topology]:
 
 
 def start_with_container(
-    daemon_factory: DaemonFactory, topo: Topology, config: Path
+    daemon_factory: DaemonFactory, topo: Topology, config: Path, *, resync_interval: float = 60.0
 ) -> MasqdProcess:
-    d = start_daemon(daemon_factory, ns=topo.host, extra_args=["--config", str(config)])
+    d = start_daemon(
+        daemon_factory,
+        ns=topo.host,
+        extra_args=["--config", str(config)],
+        resync_interval=resync_interval,
+    )
     ctr = topo.containers[0]
     resp = d.client.put_attachment("net", "ctr1", "eth0", [ctr.ip4, ctr.ip6])
     assert resp.status == 200, resp.body
@@ -178,7 +189,8 @@ def test_an_invalid_config_on_sighup_changes_nothing(
 ) -> None:
     config = tmp_path / "masqd.toml"
     write_config(config, exempt=[EXEMPT_NET4, EXEMPT_NET6], random_fully=True)
-    d = start_with_container(daemon_factory, topo, config)
+    # Periodic syncs, which change nothing, give the barrier below its syncs to count.
+    d = start_with_container(daemon_factory, topo, config, resync_interval=0.2)
     ctr = topo.containers[0]
     before, policy_before = listing(d), status_policy(d)
     generation_before = d.status()["generation"]
@@ -189,7 +201,10 @@ def test_an_invalid_config_on_sighup_changes_nothing(
     wait_for("the refusal in the log", lambda: log_has(d, "SIGHUP: config refused"))
     assert log_has(d, f"{config}:3: policy.exempt_destinations[0]: '198.19.1.2/24' has host bits")
 
-    time.sleep(0.3)  # a wrongly started sync would have committed by now
+    # A sync started by the refused reload would be done by the second sync from now (the
+    # first may have been under way already): wait for that, not for a while.
+    syncs = d.status()["syncs"]["total"]
+    wait_for("two more syncs", lambda: d.status()["syncs"]["total"] >= syncs + 2)
     assert listing(d) == before
     assert status_policy(d) == policy_before
     assert d.status()["generation"] == generation_before
