@@ -25,6 +25,8 @@ import pytest
 
 from masqd import paths
 from masqd.cli import main as masqctl
+from masqd.daemon.lifecycle import Daemon
+from masqd.kernel.backend import NftError
 from masqd.kernel.fake import FakeBackend
 from masqd.planning.ruleset import EXEMPT4, SOURCES4
 from masqd.sdnotify import Notifier
@@ -483,3 +485,84 @@ def test_a_client_that_never_finishes_its_request_is_cut_off(workdir: Path) -> N
             while chunk := s.recv(4096):  # ends when the daemon closes the connection
                 data += chunk
         assert d.client.get("/healthz").status == 200
+
+
+# ---- when things go wrong at start-up or in the spool --------------------------------------
+
+
+def test_recovery_beyond_max_attachments_takes_what_fits_and_names_the_rest(
+    workdir: Path,
+) -> None:
+    kernel = FakeBackend()
+    with running_inprocess(workdir=workdir, backend=kernel) as d:
+        for n in (2, 3, 4):
+            ok(d.client.put_attachment("n", f"c{n}", "eth0", [f"198.18.71.{n}/24"]))
+    shutil.rmtree(workdir / "state")
+    with running_inprocess("--max-attachments", "2", workdir=workdir, backend=kernel) as d:
+        status = ok(d.client.get("/v1/status"))
+        assert status["adopted"] == {"attachments": 2, "unreadable": 1}
+        assert len(d.client.attachments()) == 2
+
+
+def test_a_table_that_cannot_be_listed_at_start_up_leaves_the_journal_s_state(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kernel = FakeBackend()
+    with running_inprocess(workdir=workdir, backend=kernel) as d:
+        ok(d.client.put_attachment("n", "c1", "eth0", ["198.18.72.2/24"]))
+    shutil.rmtree(workdir / "state")
+    failures = iter([True])
+
+    def refuse_first_listing(point: str) -> None:
+        if point == "observe" and next(failures, False):
+            raise NftError("Error: Could not process rule: Operation not permitted")
+
+    kernel.stage = refuse_first_listing
+    with running_inprocess(workdir=workdir, backend=kernel) as d:
+        assert "cannot list table inet masqd to adopt it" in caplog.text
+        assert ok(d.client.get("/v1/status"))["adopted"] is None
+        # Nothing was recovered, so the first sync made the table what the state says.
+        assert d.client.attachments() == []
+
+
+def test_without_events_the_generation_poll_still_repairs_tampering(workdir: Path) -> None:
+    kernel = FakeBackend()
+    kernel.no_events = True
+    with running_inprocess(workdir=workdir, backend=kernel) as d:
+        assert ok(d.client.get("/v1/status"))["events"] == {"subscribed": False}
+        assert d.daemon.healthy()
+        ok(d.client.put_attachment("n", "c1", "eth0", ["198.18.73.2/24"]))
+        d.call(lambda: kernel.delete_element(SOURCES4, "198.18.73.2"))
+        wait_until(
+            lambda: "198.18.73.2" in d.call(kernel.state).sets[SOURCES4],
+            "the tampered element put back by the generation poll",
+        )
+
+
+def test_a_spooled_del_the_kernel_refuses_is_kept_and_retried(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with running_inprocess("--apply-timeout", "0.3", workdir=workdir) as d:
+        ok(d.client.put_attachment("n", "c1", "eth0", ["198.18.74.2/24"]))
+        d.call(lambda: d.fake.fail_next(1000))
+        path = write_entry(d.daemon.spool.directory, "n", "c1", "eth0")
+        wait_until(lambda: "spooled DELs not confirmed yet" in caplog.text, "the retry logged")
+        assert exists(path)  # kept until the kernel has the DEL
+        d.call(d.fake.heal)
+        wait_until(lambda: not exists(path), "the spool file removed once confirmed")
+        assert "198.18.74.2" not in d.call(d.fake.state).sets[SOURCES4]
+
+
+def test_a_spool_entry_naming_no_valid_attachment_is_dropped(
+    shared: InProcessDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_entry(shared.daemon.spool.directory, "spool", "c1", "eth0/../x")
+    wait_until(lambda: not exists(path), "the entry dropped")
+    assert "names no valid attachment; dropped" in caplog.text
+
+
+def test_a_daemon_without_a_config_loader_ignores_reload(workdir: Path) -> None:
+    config = build_daemon(workdir).config
+    daemon = Daemon(config, backend=FakeBackend(), notifier=Notifier(environ={}))
+    assert daemon.reloader.watched_files() == []
+    assert daemon.reloader.reload("SIGHUP") is None
