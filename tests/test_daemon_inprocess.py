@@ -11,6 +11,7 @@ and run everywhere, which is also what keeps `masqd/` covered without root.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -28,7 +29,8 @@ from masqd.cli import main as masqctl
 from masqd.daemon.lifecycle import Daemon
 from masqd.kernel.backend import NftError
 from masqd.kernel.fake import FakeBackend
-from masqd.planning.ruleset import EXEMPT4, SOURCES4
+from masqd.migrate import LEGACY_TABLE, comment_for_instance
+from masqd.planning.ruleset import EXEMPT4, SOURCES4, SOURCES6
 from masqd.sdnotify import Notifier
 from masqd.state import spool
 from masqd.state.statedir import StateDirBusy
@@ -36,6 +38,7 @@ from tests.daemon import AsyncClient, Client, Response
 from tests.inprocess import InProcessDaemon, build_daemon, running_inprocess, short_tmp
 from tests.spool_entries import write_entry
 from tests.test_api import BAD_REQUESTS, A
+from tests.test_migrate import masq_rule
 
 WAIT = 20.0  # seconds: generous, for a busy machine
 
@@ -566,3 +569,75 @@ def test_a_daemon_without_a_config_loader_ignores_reload(workdir: Path) -> None:
     daemon = Daemon(config, backend=FakeBackend(), notifier=Notifier(environ={}))
     assert daemon.reloader.watched_files() == []
     assert daemon.reloader.reload("SIGHUP") is None
+
+
+# ---- the CNI plugins' legacy rules, on the fake ------------------------------------------------
+
+
+def legacy_table(*attachments: tuple[str, str, str, str]) -> dict[str, Any]:
+    """The plugins' table as their ADDs leave it (as test_migrate's legacy_script, in JSON),
+    for (network, container ID, ifname, IP/prefix) attachments."""
+    t = {"family": "inet", "table": LEGACY_TABLE}
+    base = {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}
+    commands: list[dict[str, Any]] = [
+        {"add": {"table": {"family": "inet", "name": LEGACY_TABLE}}},
+        {"add": {"chain": t | {"name": "masq_checks"}}},
+        {"add": {"chain": t | {"name": "postrouting"} | base}},
+    ]
+    for network, container_id, ifname, ip in attachments:
+        iface = ipaddress.ip_interface(ip)
+        rule = t | {
+            "chain": "masq_checks",
+            "expr": masq_rule(str(iface.ip), str(iface.network)),
+            "comment": comment_for_instance(network, ifname, container_id),
+        }
+        commands.append({"add": {"rule": rule}})
+    goto = {"chain": "postrouting", "expr": [{"goto": {"target": "masq_checks"}}]}
+    commands.append({"add": {"rule": t | goto}})
+    return {"nftables": commands}
+
+
+def test_the_cni_plugins_rules_are_adopted_at_startup_and_their_table_removed(
+    workdir: Path,
+) -> None:
+    kernel = FakeBackend()
+    kernel.execute(
+        legacy_table(
+            ("cni", "c1", "eth0", "198.18.76.2/24"),
+            ("cni", "c2", "eth0", "2001:db8:76::2/64"),
+        )
+    )
+    with running_inprocess("--adopt-cni-plugins-rules", workdir=workdir, backend=kernel) as d:
+        wait_until(lambda: d.call(lambda: kernel.listing(LEGACY_TABLE)) == [], "table gone")
+        assert ok(d.client.get_attachment("cni", "c1", "eth0"))["ips"] == ["198.18.76.2/24"]
+        state = d.call(kernel.state)
+        assert "198.18.76.2" in state.sets[SOURCES4]
+        assert "2001:db8:76::2" in state.sets[SOURCES6]
+
+
+def test_masqctl_adopts_what_it_can_read_and_leaves_the_rest(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kernel = FakeBackend()
+    kernel.execute(legacy_table(("cni", "c1", "eth0", "198.18.77.2/24")))
+    odd = {
+        "family": "inet",
+        "table": LEGACY_TABLE,
+        "chain": "masq_checks",
+        "expr": masq_rule("198.18.77.3", "198.18.77.0/24"),
+        "comment": "not the plugins' comment",
+    }
+    kernel.execute({"nftables": [{"add": {"rule": odd}}]})
+    with running_inprocess(workdir=workdir, backend=kernel) as d:
+        masqctl(["--socket", d.socket, "adopt-cni-plugins"])
+        out = capsys.readouterr().out
+        assert "198.18.77.2" in out and "not the plugins' comment" in out, out
+        assert ok(d.client.get_attachment("cni", "c1", "eth0"))["ips"] == ["198.18.77.2/24"]
+        left = [o["rule"] for o in d.call(lambda: kernel.listing(LEGACY_TABLE)) if "rule" in o]
+        assert [r.get("comment") for r in left if r["chain"] == "masq_checks"] == [
+            "not the plugins' comment"
+        ]
+        # Again: nothing left that it can read; the table stays for what it cannot.
+        masqctl(["--socket", d.socket, "--json", "adopt-cni-plugins"])
+        report = json.loads(capsys.readouterr().out)
+        assert report["adopted"] == [] and report["table_deleted"] is False, report

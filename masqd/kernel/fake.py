@@ -24,6 +24,8 @@ tests/test_nft_kernel.py, which runs the same scenarios on both):
 - deleting a set that a rule refers to fails with EBUSY, unless an earlier command of the
   batch removed those rules (flush chain);
 - `add table; delete table; add table` recreates whether the table existed or not.
+- a rule carries a handle (numbered per table, never reused) and its comment, as listed;
+  `delete rule` names one by handle and fails with ENOENT when it is not there.
 
 Tests also tamper with it (as a person with `nft` would), make the next applies fail, or
 slow them down, and compare `dump()`s: sorted text of the whole table.
@@ -70,10 +72,17 @@ class _Set:
     raw: list[Any] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Rule:
+    expr: Any  # the expression list
+    handle: int  # as the kernel numbers them: per table, never reused
+    comment: str | None = None
+
+
 @dataclass
 class _Chain:
     spec: dict[str, Any]  # type, hook, prio, policy (absent for a regular chain)
-    rules: list[Any] = field(default_factory=list)  # expression lists
+    rules: list[_Rule] = field(default_factory=list)
 
 
 @dataclass
@@ -81,12 +90,14 @@ class _Table:
     sets: dict[str, _Set] = field(default_factory=dict)
     chains: dict[str, _Chain] = field(default_factory=dict)
     flags: tuple[str, ...] = ()  # "dormant": no chain of the table is hooked
+    last_handle: int = 0
 
     def copy(self) -> _Table:
         return _Table(
             {n: _Set(s.type, s.flags, list(s.elements), list(s.raw)) for n, s in self.sets.items()},
             {n: _Chain(dict(c.spec), list(c.rules)) for n, c in self.chains.items()},
             self.flags,
+            self.last_handle,
         )
 
 
@@ -237,6 +248,7 @@ class FakeBackend:
             ("add", "set"): self._add_set,
             ("add", "chain"): self._add_chain,
             ("add", "rule"): self._add_rule,
+            ("delete", "rule"): self._delete_rule,
             ("flush", "chain"): self._flush_chain,
             ("flush", "set"): self._flush_set,
             ("delete", "set"): self._delete_set,
@@ -319,7 +331,19 @@ class FakeBackend:
         chain = table.chains.get(spec["chain"])
         if chain is None:
             raise NftError(f"{ENOENT} (add rule to missing chain {spec['chain']!r})")
-        chain.rules.append(json.loads(json.dumps(spec["expr"])))
+        table.last_handle += 1
+        expr = json.loads(json.dumps(spec["expr"]))
+        chain.rules.append(_Rule(expr, table.last_handle, spec.get("comment")))
+        return True
+
+    @staticmethod
+    def _delete_rule(table: _Table, spec: dict[str, Any]) -> bool:
+        """`delete rule ... handle N`: ENOENT for a handle the chain does not hold."""
+        chain = table.chains.get(spec["chain"])
+        handle = spec.get("handle")
+        if chain is None or not any(r.handle == handle for r in chain.rules):
+            raise NftError(f"{ENOENT} (delete rule handle {handle} of chain {spec['chain']!r})")
+        chain.rules = [r for r in chain.rules if r.handle != handle]
         return True
 
     @staticmethod
@@ -353,7 +377,7 @@ class FakeBackend:
         if name not in table.sets:
             raise NftError(f"{ENOENT} (delete missing set {name!r})")
         reference = json.dumps(f"@{name}")
-        if any(reference in json.dumps(r) for c in table.chains.values() for r in c.rules):
+        if any(reference in json.dumps(r.expr) for c in table.chains.values() for r in c.rules):
             raise NftError(f"{EBUSY} (set {name} is in use by a rule)")
         del table.sets[name]
         return True
@@ -421,9 +445,11 @@ class FakeBackend:
             out.append({"set": spec})
         for chain, c in table.chains.items():
             out.append({"chain": {"family": "inet", "table": name, "name": chain, **c.spec}})
-            for expr in c.rules:
-                rule = {"family": "inet", "table": name, "chain": chain, "expr": expr}
-                out.append({"rule": rule})
+            for r in c.rules:
+                rule = {"family": "inet", "table": name, "chain": chain, "handle": r.handle}
+                if r.comment is not None:
+                    rule["comment"] = r.comment
+                out.append({"rule": rule | {"expr": r.expr}})
         return out
 
     def state(self) -> TableState:
