@@ -1,7 +1,9 @@
 """The API layer on the fake backend, in-process and without root: what it answers when
 the kernel refuses (503, and unready until it recovers), beyond --max-attachments (507), and
 for keys journalled before today's naming rules. The real app and reconciler, on a real
-Unix socket; the kernel-backed API tests are in test_api.py.
+Unix socket; the kernel-backed API tests are in test_api.py. On fake loop time (looptime):
+the short apply timeout (0.3 s) and the reconciler's backoff are on the loop's clock, so a
+busy machine cannot turn a 200 into a 503.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import shutil
 from collections.abc import AsyncIterator
 
+import pytest
 from aiohttp import web
 
 from masqd.api.handlers import ApiContext, build_app
@@ -20,6 +23,8 @@ from masqd.planning.ruleset import SOURCES4, Policy
 from masqd.reconcile.reconciler import Reconciler
 from masqd.state.desired import DesiredState
 from tests.daemon import AsyncClient, short_workdir
+
+pytestmark = pytest.mark.looptime
 
 # ---- when the kernel refuses: the API layer on the fake backend, in-process ---------------
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import gzip
 import itertools
 import json
 import select
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +41,12 @@ pytestmark = pytest.mark.kernel
 # Long container IDs make each listed record about 290 bytes; "keep/ID000000/eth0" is the
 # longest owner comment an element holds (128 bytes).
 LONG_ID = "c" * 112
+
+
+def unread(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that the other end has not read yet (SIOCOUTQ)."""
+    value: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return value
 
 
 def rss_mib(daemon: MasqdProcess, field: str = "VmRSS") -> float:
@@ -335,7 +344,12 @@ def test_a_client_gone_mid_body_leaves_no_traceback(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(daemon.socket)
         sock.sendall(http(method, path, b"", content_length=1000) + start)
-        time.sleep(0.2)  # let the handler start reading the body
+        # Once the daemon has read all we sent, its handler runs before it sees us go (a
+        # later read): it is reading the body when the connection drops.
+        deadline = time.monotonic() + 10
+        while unread(sock):
+            assert time.monotonic() < deadline, "the daemon did not read the request"
+            time.sleep(0.01)
     deadline = time.monotonic() + 10
     while api_codes(daemon).get((route, "499")) != 1:
         assert time.monotonic() < deadline, api_codes(daemon)
@@ -352,7 +366,11 @@ def test_beyond_max_connections_every_client_sees_the_503(daemon_factory: Daemon
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(daemon.socket)
         held.append(sock)
-    time.sleep(0.2)  # let the daemon register them
+    # Once the daemon holds them, one more connection is refused: wait for that.
+    deadline = time.monotonic() + 10
+    while status_of(exchange(daemon.socket, http("GET", "/healthz"))) != 503:
+        assert time.monotonic() < deadline, "the held connections were not counted"
+        time.sleep(0.02)
 
     def attempt(_: int) -> str:
         conn = UnixHTTPConnection(daemon.socket, 10)
