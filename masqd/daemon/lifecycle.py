@@ -113,22 +113,26 @@ class Daemon:
     async def startup(self) -> None:
         """Steps 0 to 4 (see the module's doc). StartupError when the daemon cannot start;
         `shutdown()` then undoes what was done."""
+        # 0. The state directory, locked before anything reads the journal or opens the
+        #    socket: a second daemon on it stops here (StateDirBusy), having changed nothing.
         paths.prepare_state_dir(self.config.state_dir)
-        # Before anything reads the journal or opens the socket: a second daemon on this
-        # state directory stops here (StateDirBusy, a StartupError), having changed nothing.
         self.lock.acquire()
         paths.prepare_socket_dir(self.config.socket)
-        # Before any listener: the nftables sockets must get low descriptor numbers (see
-        # nft.LibNftables), and the listeners' caps must fit the descriptor limit.
+        # 1. The nftables sockets before any listener (they need low descriptor numbers, see
+        #    nft.LibNftables); then the listeners' caps, fitted under the descriptor limit.
         await self.backend.open()
         guard, caps = fdlimit.prepare(
             api=self.config.max_connections, metrics=self.config.metrics_max_connections
         )
+        # 2. The desired state: the journal, then the kernel's table if need be.
         self.restored = await restore(
             self.state, self.journal, self.reconciler, self.backend, self.config.table
         )
+        # 3. The DELs spooled while the daemon was away (their files go after the first sync).
         self.spool.prepare()
         self._spooled = self.spool.apply()
+        # 4. The listeners (requests queue until the first sync is done), then the events:
+        #    the first sync's whole-table transaction is then made with them paused.
         await self._listen(caps.api, caps.metrics, guard)
         await self._subscribe_events()
 
@@ -155,8 +159,11 @@ class Daemon:
                     tasks.create_task(job, name=name)
                 await self._stop.wait()
                 log.info("stopping; table inet %s stays in the kernel", self.config.table)
+                # Tell systemd, and stop taking requests while the loops still run: a request
+                # in flight gets its answer. Then end the loops (a transaction in flight
+                # completes in its thread).
                 await self._stop_listening()
-                raise _Shutdown  # cancels the loops; a transaction in flight completes
+                raise _Shutdown
         except* _Shutdown:
             pass
 
@@ -172,14 +179,6 @@ class Daemon:
         self.notifier.close()
         # Last: another daemon may take the state directory from here on.
         self.lock.release()
-
-    async def run(self) -> None:
-        """Start, serve until `stop()`, stop."""
-        try:
-            await self.startup()
-            await self.serve()
-        finally:
-            await self.shutdown()
 
     def stop(self) -> None:
         """Ask `serve()` to end (SIGTERM, SIGINT)."""

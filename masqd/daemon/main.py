@@ -27,6 +27,11 @@ log = logging.getLogger("masqd.daemon")
 
 async def run(daemon: Daemon) -> None:
     """The daemon's life, with the process-wide tuning around it."""
+    # Signals first: a stop asked for during start-up ends the daemon as soon as it serves.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.request_reload, "SIGHUP")
     tune_allocator()
     # Replaying 100,000 attachments allocates a million long-lived objects: collecting while
     # they are made cost half the load time, and freezing them afterwards keeps every later
@@ -39,10 +44,6 @@ async def run(daemon: Daemon) -> None:
             gc.enable()
             gc.freeze()
             release_heap()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, daemon.stop)
-        loop.add_signal_handler(signal.SIGHUP, daemon.request_reload, "SIGHUP")
         await daemon.serve()
     finally:
         await daemon.shutdown()
