@@ -1,7 +1,8 @@
 """`Daemon`: the parts wired together, and their life: `startup()`, `serve()`, `shutdown()`.
 
-It is built from an injected backend, notifier and clock, so a test runs it in-process on
-the fake backend without root (tests/test_daemon_inprocess.py); `main` builds it on the
+It is built from an injected backend, notifier and clock (the wall clock of the sync
+timestamps in status and metrics; every wait is on the event loop's clock), so a test runs it
+in-process on the fake backend without root (tests/inprocess.py); `main` builds it on the
 kernel. Start-up, in order:
 0. lock the state directory (`statedir`): a second daemon on it refuses to start;
 1. open the nftables sockets (so they get low descriptor numbers) and fit the listeners'
