@@ -641,3 +641,14 @@ def test_masqctl_adopts_what_it_can_read_and_leaves_the_rest(
         masqctl(["--socket", d.socket, "--json", "adopt-cni-plugins"])
         report = json.loads(capsys.readouterr().out)
         assert report["adopted"] == [] and report["table_deleted"] is False, report
+
+
+def test_a_body_that_does_not_decode_is_refused_in_json_and_changes_nothing(
+    shared: InProcessDaemon,
+) -> None:
+    client = shared.client
+    before = (client.attachments(), shared.dump())
+    headers = {"Content-Encoding": "gzip"}
+    resp = client.request("PUT", A, raw=b"not compressed at all", headers=headers)
+    assert resp.status == 400 and resp.is_json_error(), (resp.status, resp.body)
+    assert (client.attachments(), shared.dump()) == before
