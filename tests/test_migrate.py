@@ -13,7 +13,6 @@ import contextlib
 import ipaddress
 import json
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -255,13 +254,24 @@ class Prober:
             )
         ]
         self.seen: list[tuple[str, str, str | None, str]] = []
+        self._probed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for ctr, dst, want in self.targets:
-                self.seen.append((ctr.ns, dst, probe(ctr.ns, dst), want))
+                seen = (ctr.ns, dst, probe(ctr.ns, dst), want)
+                with self._probed:
+                    self.seen.append(seen)
+                    self._probed.notify_all()
+
+    def round(self, within: float = 60.0) -> None:
+        """Wait for one more probe of every target (however slow the machine is)."""
+        with self._probed:
+            goal = len(self.seen) + len(self.targets)
+            done = self._probed.wait_for(lambda: len(self.seen) >= goal, within)
+        assert done, f"probes stalled at {len(self.seen)}"
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Prober]:
@@ -345,10 +355,10 @@ def test_startup_adoption_moves_every_rule_without_a_connection_left_unmasquerad
         addresses = [c1.addr4, c1.addr6, c2.addr4, c2.addr6]
         watcher = RulesetWatcher(topo.host, addresses)
         with watcher.running(), Prober(topo, [c1, c2]).running() as p:
-            time.sleep(0.3)  # some probes before, through the legacy table alone
+            p.round()  # some probes before, through the legacy table alone
             d = start_daemon(daemon_factory, ns=topo.host, extra_args=["--adopt-cni-plugins-rules"])
             wait_for("the legacy table to go", lambda: not legacy_exists(topo.host))
-            time.sleep(0.3)  # and some after, through masqd's table alone
+            p.round()  # and some after, through masqd's table alone
         assert len(p.seen) >= 8 and p.failures() == []
 
         # Every consistent picture of the kernel had each address masqueraded by one table.
@@ -376,9 +386,9 @@ def test_masqctl_adopt_leaves_an_unreadable_rule_in_place_and_reports_it(
         nft(topo.host, "-f", "-", input=legacy_script(legacy))
 
         with Prober(topo, [c1, c2]).running() as p:
-            time.sleep(0.2)
+            p.round()
             out = masqctl(d.socket, "adopt-cni-plugins")
-            time.sleep(0.2)
+            p.round()
         assert out.returncode == 0, out.stderr
         assert p.failures() == []
 

@@ -19,7 +19,6 @@ import json
 import random
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -160,13 +159,24 @@ class _Prober(threading.Thread):
         self.ns, self.targets = ns, targets
         self.results: list[tuple[str, str | None]] = []
         self.stop = threading.Event()
+        self._probed = threading.Condition()
 
     def run(self) -> None:
         n = 0
         while not self.stop.is_set():
             target = self.targets[n % len(self.targets)]
-            self.results.append((target, probe(self.ns, target, timeout=2.0)))
+            result = (target, probe(self.ns, target, timeout=2.0))
+            with self._probed:
+                self.results.append(result)
+                self._probed.notify_all()
             n += 1
+
+    def round(self, within: float = 60.0) -> None:
+        """Wait for one more probe of every target (however slow the machine is)."""
+        with self._probed:
+            goal = len(self.results) + len(self.targets)
+            done = self._probed.wait_for(lambda: len(self.results) >= goal, within)
+        assert done, f"probes stalled at {len(self.results)}"
 
 
 @pytest.mark.slow
@@ -188,15 +198,16 @@ def test_traffic_stays_masqueraded_while_the_daemon_is_down_and_across_restarts(
         prober = _Prober(ctr.ns, list(expected))
         prober.start()
         try:
-            time.sleep(0.3)
+            # Each phase lasts a round of probes (IPv4 and IPv6), however long that takes.
+            prober.round()
             daemon.kill(signal.SIGKILL)  # crash ...
-            time.sleep(0.5)  # ... stay down a while ...
+            prober.round()  # ... stay down a while ...
             restart(daemon, kill=False)  # ... and come back
-            time.sleep(0.3)
+            prober.round()
             daemon.stop()  # a clean stop ...
-            time.sleep(0.5)
+            prober.round()
             restart(daemon, kill=False)  # ... and start
-            time.sleep(0.3)
+            prober.round()
         finally:
             prober.stop.set()
             prober.join(10)

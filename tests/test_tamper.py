@@ -148,7 +148,7 @@ def test_tampering_is_repaired_within_a_second(
         cache.set(CACHE_KEY, {**cache.get(CACHE_KEY, {}), case: round(seconds, 4)})
     assert seconds < REPAIR_LIMIT, f"{case}: repaired after {seconds:.3f}s ({polls} listings)"
     # The kernel holds the repair before the sync that made it has finished its bookkeeping.
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 10.0  # generous: a busy machine
     while (status := daemon.status())["syncs"]["drift_repairs"] == repairs_before:
         if time.monotonic() > deadline:
             break
