@@ -191,10 +191,10 @@ class Rig:
         await asyncio.wait_for(synced, 5)
 
     async def until(self, condition: Callable[[], Awaitable[bool]]) -> float:
-        """Seconds until `condition` holds (at most 5)."""
+        """Seconds until `condition` holds (at most 10: generous, for a busy machine)."""
         started = time.monotonic()
         while not await condition():
-            assert time.monotonic() - started < 5, "condition not met in time"
+            assert time.monotonic() - started < 10, "condition not met in time"
             await asyncio.sleep(0.002)
         return time.monotonic() - started
 
@@ -381,7 +381,7 @@ async def test_the_generation_poll_reads_waiting_events_before_listing() -> None
                 poller = tasks.create_task(reconciler.watch_generation())
                 listings = backend.listings
                 nft(ns, "add", "table", "inet", "someone_else")
-                deadline = time.monotonic() + 5
+                deadline = time.monotonic() + 10
                 while reconciler.status()["generation"] != await backend.generation():
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.01)
