@@ -217,6 +217,12 @@ def _namespaces() -> set[str]:
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
 
 
+def _pids(namespace: str) -> list[str]:
+    """The processes running in `namespace` (none once it is gone)."""
+    out = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True)
+    return out.stdout.split()
+
+
 def _own(names: set[str], pid: int) -> set[str]:
     """The namespaces a process made (tests.netns.new_name puts its pid in each name): other
     test runs on the machine make and remove namespaces of their own meanwhile."""
@@ -232,10 +238,13 @@ def test_a_benchmark_stopped_with_sigterm_leaves_no_namespace_behind(tmp_path: P
     with subprocess.Popen(command, cwd=REPO_ROOT, stdout=quiet, stderr=quiet) as proc:
         try:
             deadline = time.monotonic() + 30
-            while not (created := _own(_namespaces() - before, proc.pid)):
-                assert proc.poll() is None and time.monotonic() < deadline, "no namespace"
+            # Its daemon running in one of its namespaces: stopped mid-run, not before.
+            while True:
+                created = _own(_namespaces() - before, proc.pid)
+                if any(_pids(name) for name in created):
+                    break
+                assert proc.poll() is None and time.monotonic() < deadline, "no daemon running"
                 time.sleep(0.05)
-            time.sleep(0.5)  # its daemon starting or running
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 128 + signal.SIGTERM
         finally:
