@@ -25,6 +25,10 @@ from tests.inprocess import build_daemon, daemon_args, short_tmp
 WAIT = 20.0
 
 
+def _fake_backend(*, table: str, runner: str) -> FakeBackend:
+    return FakeBackend(table=table)
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     path = short_tmp()
@@ -63,6 +67,9 @@ def test_a_start_that_cannot_happen_is_one_line_and_exit_1(
     state.mkdir()
     os.chmod(state, 0o777)
     (workdir / "masqd.toml").touch()
+    # main() builds a kernel backend: this test runs in the root network namespace, whose
+    # ruleset is not ours to touch, so main gets the fake instead.
+    monkeypatch.setattr(masqd_main, "KernelBackend", _fake_backend)
     # main() sets the process's logging up for good; the test's logging must survive it.
     monkeypatch.setattr(logrepeat, "install", lambda: None)
     monkeypatch.setattr(logging, "shutdown", lambda: None)
