@@ -364,9 +364,7 @@ class FakeBackend:
 
     @staticmethod
     def _flush_set(table: _Table, spec: dict[str, Any]) -> bool:
-        s = table.sets.get(spec["name"])
-        if s is None:
-            raise NftError(f"{ENOENT} (flush missing set {spec['name']!r})")
+        s = _existing_set(table, spec, "flush missing set")
         changed = bool(s.elements or s.raw)
         s.elements.clear()
         s.raw.clear()
@@ -385,9 +383,7 @@ class FakeBackend:
 
     @staticmethod
     def _add_elements(table: _Table, spec: dict[str, Any]) -> bool:
-        s = table.sets.get(spec["name"])
-        if s is None:
-            raise NftError(f"{ENOENT} (add element to missing set {spec['name']!r})")
+        s = _existing_set(table, spec, "add element to missing set")
         changed = False
         held = _identities(spec["name"], s)
         for value in spec["elem"]:
@@ -398,9 +394,7 @@ class FakeBackend:
     def _create_elements(table: _Table, spec: dict[str, Any]) -> bool:
         """`create element`: `add element` that fails with EEXIST for an element that is
         there (NLM_F_EXCL), so it always moves the generation or fails."""
-        s = table.sets.get(spec["name"])
-        if s is None:
-            raise NftError(f"{ENOENT} (create element in missing set {spec['name']!r})")
+        s = _existing_set(table, spec, "create element in missing set")
         held = _identities(spec["name"], s)
         for value in spec["elem"]:
             if not _add_element(spec["name"], s, value, held):
@@ -409,9 +403,7 @@ class FakeBackend:
 
     @staticmethod
     def _delete_elements(table: _Table, spec: dict[str, Any]) -> bool:
-        s = table.sets.get(spec["name"])
-        if s is None:
-            raise NftError(f"{ENOENT} (delete element from missing set {spec['name']!r})")
+        s = _existing_set(table, spec, "delete element from missing set")
         for value in spec["elem"]:
             _delete_element(spec["name"], s, value)
         return True
@@ -599,6 +591,14 @@ def _same(set_name: str, held: Element, elem: Element) -> bool:
 def _identity(set_name: str, elem: Element) -> tuple[str, str | None]:
     """What `_same` compares."""
     return (elem.key, elem.subnet) if is_local_set(set_name) else (elem.key, None)
+
+
+def _existing_set(table: _Table, spec: dict[str, Any], doing: str) -> _Set:
+    """The set `spec` names; ENOENT, as the kernel answers, when the table has none."""
+    s = table.sets.get(spec["name"])
+    if s is None:
+        raise NftError(f"{ENOENT} ({doing} {spec['name']!r})")
+    return s
 
 
 def _identities(set_name: str, s: _Set) -> set[tuple[str, str | None]]:
