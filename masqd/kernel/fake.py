@@ -329,9 +329,7 @@ class FakeBackend:
 
     @staticmethod
     def _add_rule(table: _Table, spec: dict[str, Any]) -> bool:
-        chain = table.chains.get(spec["chain"])
-        if chain is None:
-            raise NftError(f"{ENOENT} (add rule to missing chain {spec['chain']!r})")
+        chain = _existing_chain(table, spec["chain"], "add rule to missing chain")
         table.last_handle += 1
         expr = json.loads(json.dumps(spec["expr"]))
         chain.rules.append(_Rule(expr, table.last_handle, spec.get("comment")))
@@ -349,9 +347,7 @@ class FakeBackend:
 
     @staticmethod
     def _flush_chain(table: _Table, spec: dict[str, Any]) -> bool:
-        chain = table.chains.get(spec["name"])
-        if chain is None:
-            raise NftError(f"{ENOENT} (flush missing chain {spec['name']!r})")
+        chain = _existing_chain(table, spec["name"], "flush missing chain")
         changed = bool(chain.rules)
         chain.rules.clear()
         return changed
@@ -591,6 +587,14 @@ def _same(set_name: str, held: Element, elem: Element) -> bool:
 def _identity(set_name: str, elem: Element) -> tuple[str, str | None]:
     """What `_same` compares."""
     return (elem.key, elem.subnet) if is_local_set(set_name) else (elem.key, None)
+
+
+def _existing_chain(table: _Table, name: str, doing: str) -> _Chain:
+    """The chain `name`; ENOENT, as the kernel answers, when the table has none."""
+    chain = table.chains.get(name)
+    if chain is None:
+        raise NftError(f"{ENOENT} ({doing} {name!r})")
+    return chain
 
 
 def _existing_set(table: _Table, spec: dict[str, Any], doing: str) -> _Set:
