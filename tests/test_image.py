@@ -14,6 +14,8 @@ through that socket reaches the namespace's table.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -90,15 +92,26 @@ def image() -> Iterator[tuple[Podman, str]]:
     if _UNAVAILABLE is not None:
         pytest.skip(_UNAVAILABLE)
     before = root_network_snapshot()
-    podman = Podman(CACHE / "podman", None)
-    tag = f"localhost/masqd:test-{inputs_digest(context_files())[:16]}"
-    try:
-        if podman.run("image", "exists", tag, check=False).returncode != 0:
-            build(podman, tag)
-        yield podman, tag
-    finally:
-        podman.close(keep_storage=True)
+    with _cache_lock():
+        podman = Podman(CACHE / "podman", None)
+        tag = f"localhost/masqd:test-{inputs_digest(context_files())[:16]}"
+        try:
+            if podman.run("image", "exists", tag, check=False).returncode != 0:
+                build(podman, tag)
+            yield podman, tag
+        finally:
+            podman.close(keep_storage=True)
     assert root_network_snapshot() == before
+
+
+@contextlib.contextmanager
+def _cache_lock() -> Iterator[None]:
+    """The cache's podman storage is one per machine, and closing it removes every container
+    in it: a second run of the suite beside this one (a busy CI machine) waits its turn."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def build(podman: Podman, tag: str) -> None:
